@@ -1,0 +1,107 @@
+"""Loading any Hugging Face encoder as a one-logit cross-encoder."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple, Union
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+ModelLike = Union[str, os.PathLike, PreTrainedModel]
+
+HEAD_SEED = 0
+
+
+def _has_one_logit_head(config: transformers.PretrainedConfig) -> bool:
+    archs = config.architectures or []
+    return config.num_labels == 1 and any(a.endswith("ForSequenceClassification") for a in archs)
+
+
+def load_model(
+    model: ModelLike,
+    *,
+    trust_remote_code: bool = False,
+    torch_dtype: Optional[torch.dtype] = None,
+) -> Tuple[PreTrainedModel, str]:
+    """Loads ``model`` as an ``AutoModelForSequenceClassification`` with exactly one logit.
+
+    Args:
+        model: A hub name, a local folder, or an already-built transformers model. A checkpoint
+            without a one-logit sequence-classification head (a bare encoder such as ``BertModel``,
+            or a classifier with several labels) gets a freshly initialised one-logit head on top
+            of its encoder weights.
+        trust_remote_code: Passed to transformers; off unless the user asks for it.
+        torch_dtype: Optional dtype for the weights.
+
+    Returns:
+        The model and the name or path it came from (``""`` for a built model without one).
+    """
+    # A new head starts from the same seed every time, so one name always means one model.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(HEAD_SEED)
+        return _load(model, trust_remote_code=trust_remote_code, torch_dtype=torch_dtype)
+
+
+def _load(model: ModelLike, *, trust_remote_code: bool, torch_dtype: Optional[torch.dtype]) -> Tuple[PreTrainedModel, str]:
+    if isinstance(model, PreTrainedModel):
+        return _from_built(model), str(getattr(model.config, "_name_or_path", "") or "")
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(
+            f"CrossEncoder(model=...) takes a hub name, a folder or a transformers PreTrainedModel, "
+            f"not {type(model).__name__}."
+        )
+    name = os.fspath(model)
+    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    kwargs = dict(trust_remote_code=trust_remote_code)
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    if _has_one_logit_head(config):
+        loaded = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
+    else:
+        # A bare encoder or a multi-label classifier: keep the encoder, start a one-logit head.
+        config.num_labels = 1
+        config.problem_type = None
+        loaded = AutoModelForSequenceClassification.from_pretrained(
+            name, config=config, ignore_mismatched_sizes=True, **kwargs
+        )
+    return loaded, name
+
+
+def _from_built(model: PreTrainedModel) -> PreTrainedModel:
+    if _has_one_logit_head(model.config) or (
+        type(model).__name__.endswith("ForSequenceClassification") and model.config.num_labels == 1
+    ):
+        return model
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.num_labels = 1
+    config.problem_type = None
+    head = AutoModelForSequenceClassification.from_config(config)
+    encoder = getattr(head, head.base_model_prefix)
+    source = getattr(model, model.base_model_prefix, model)
+    missing, unexpected = encoder.load_state_dict(source.state_dict(), strict=False)
+    if unexpected:
+        raise ValueError(
+            f"Could not place the weights of {type(model).__name__} under a one-logit head "
+            f"({len(unexpected)} unexpected keys, e.g. {unexpected[:3]}). Pass a hub name or folder instead."
+        )
+    head.config.architectures = [type(head).__name__]
+    return head.to(next(model.parameters()).device)
+
+
+def load_tokenizer(
+    tokenizer: Optional[Union[str, os.PathLike, transformers.PreTrainedTokenizerBase]],
+    model_name: str,
+    *,
+    trust_remote_code: bool = False,
+) -> transformers.PreTrainedTokenizerBase:
+    """Returns ``tokenizer`` if built, else loads it from ``tokenizer`` or ``model_name``."""
+    if isinstance(tokenizer, transformers.PreTrainedTokenizerBase):
+        return tokenizer
+    source = tokenizer if tokenizer is not None else model_name
+    if not source:
+        raise ValueError(
+            "The model was passed as a built object without a name: also pass `tokenizer=` "
+            "(a tokenizer object, hub name or folder)."
+        )
+    return AutoTokenizer.from_pretrained(os.fspath(source), trust_remote_code=trust_remote_code)

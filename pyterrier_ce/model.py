@@ -1,0 +1,227 @@
+"""``CrossEncoder``: a transformer cross-encoder as a PyTerrier reranker."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+import pandas as pd
+import pyterrier as pt
+import torch
+import transformers
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from . import scoring
+from .loading import ModelLike, load_model, load_tokenizer
+
+# Written into config.json so that sentence-transformers' CrossEncoder returns raw logits, as we do.
+_ST_CONFIG = {"activation_fn": "torch.nn.modules.linear.Identity"}
+# Our own settings, kept in config.json so that from_pretrained restores them.
+_CONFIG_KEY = "pyterrier_ce"
+
+
+class CrossEncoder(pt.Estimator):
+    """A transformer cross-encoder that scores (query, text) pairs: a PyTerrier reranker.
+
+    It reads a result frame with ``qid``, ``query``, ``docno`` and a text column, and returns the
+    same rows with ``score`` (the model's raw logit) and ``rank`` (0-based within each query,
+    by descending score), sorted by query and rank::
+
+        bm25 = index.bm25(num_results=100) >> dataset.text_loader()
+        ce = CrossEncoder("cross-encoder/ms-marco-MiniLM-L6-v2")
+        pipeline = bm25 % 100 >> ce
+
+    Args:
+        model: A hub name, a local folder, or a built transformers model. A model without a
+            one-logit sequence-classification head (BERT, ELECTRA, RoBERTa, DeBERTa-v3,
+            ModernBERT, ...) gets one, freshly initialised.
+        tokenizer: A tokenizer, or its name or folder; defaults to the model's.
+        batch_size: Pairs per forward pass when scoring.
+        max_length: Token budget of a (query, text) pair; capped at the model's limit.
+        text_field: The column holding the document text.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...; ``None`` picks CUDA when present.
+        precision: ``"auto"`` (bf16/fp16 on GPU, fp32 on CPU), ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        verbose: Show progress bars.
+        trust_remote_code: Let transformers run code shipped with the model (off by default).
+    """
+
+    def __init__(
+        self,
+        model: ModelLike,
+        *,
+        tokenizer: Optional[Union[str, os.PathLike, PreTrainedTokenizerBase]] = None,
+        batch_size: int = 32,
+        max_length: int = 512,
+        text_field: str = "text",
+        device: Optional[Union[str, torch.device]] = None,
+        precision: str = "auto",
+        verbose: bool = False,
+        trust_remote_code: bool = False,
+    ):
+        if precision not in scoring.PRECISIONS:
+            raise ValueError(f"precision={precision!r} is not one of {scoring.PRECISIONS}.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}.")
+        self.device = scoring.resolve_device(device)
+        self.model, self._name = load_model(model, trust_remote_code=trust_remote_code)
+        self.model.to(self.device).eval()
+        self.tokenizer = load_tokenizer(tokenizer, self._name, trust_remote_code=trust_remote_code)
+        self.batch_size = batch_size
+        self.max_length = self._check_max_length(max_length)
+        self.text_field = text_field
+        self.precision = precision
+        self.verbose = verbose
+        self.trust_remote_code = trust_remote_code
+        # A built model may carry any weights, so its identity is its weights.
+        self._fingerprint: Optional[str] = None if isinstance(model, (str, os.PathLike)) else self.weights_fingerprint()
+
+    def _check_max_length(self, max_length: int) -> int:
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and getattr(self.model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+            limit -= 2  # RoBERTa-style position ids start after the padding index
+        if max_length < 8:
+            raise ValueError(f"max_length={max_length} leaves no room for a query and a text.")
+        if limit is not None and max_length > limit:
+            raise ValueError(
+                f"max_length={max_length} is beyond this model's limit of {limit} tokens: "
+                f"pass max_length={limit} or less."
+            )
+        return max_length
+
+    # -- identity ---------------------------------------------------------------------------
+
+    def weights_fingerprint(self) -> str:
+        """A short hash of the model's weights (changes whenever training changes them)."""
+        digest = hashlib.blake2b(digest_size=8)
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def _identity(self) -> tuple:
+        return (self._name, self._fingerprint, self.max_length, self.text_field)
+
+    def __repr__(self) -> str:
+        extra = f", weights={self._fingerprint}" if self._fingerprint else ""
+        return f"CrossEncoder({self._name!r}{extra}, max_length={self.max_length})"
+
+    def __eq__(self, other: Any) -> bool:
+        if not isinstance(other, CrossEncoder):
+            return NotImplemented
+        return self._identity() == other._identity()
+
+    def __hash__(self) -> int:
+        return hash(("CrossEncoder",) + self._identity())
+
+    def schematic(self, *, input_columns=None) -> Dict[str, Any]:
+        return {"label": "CrossEncoder", "help_url": None}
+
+    # -- scoring ----------------------------------------------------------------------------
+
+    def _validate(self, inp: pd.DataFrame) -> None:
+        try:
+            pt.validate.result_frame(inp, extra_columns=["query", self.text_field])
+        except pt.validate.InputValidationError as err:
+            missing = set(err.modes[0].missing_columns) if err.modes else set()
+            hints = []
+            if self.text_field in missing:
+                hints.append(
+                    f"no `{self.text_field}` column: add `pt.text.get_text(...)` or `dataset.text_loader()` "
+                    f"before the CrossEncoder (or set text_field= to the column holding the text)"
+                )
+            if "query" in missing:
+                hints.append("no `query` column: rerank the output of a retriever run on topics (qid, query)")
+            if "docno" in missing or "qid" in missing:
+                hints.append("the input must be a result frame with `qid` and `docno`")
+            message = "; ".join(hints) if hints else str(err.args[0])
+            raise pt.validate.InputValidationError(f"CrossEncoder: {message}.", err.modes) from None
+
+    def score_pairs(self, queries, texts, *, desc: str = "CrossEncoder") -> np.ndarray:
+        """Raw scores of (query, text) pairs, in input order (see :func:`scoring.score_pairs`)."""
+        return scoring.score_pairs(
+            self.model,
+            self.tokenizer,
+            queries,
+            texts,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            device=self.device,
+            precision=self.precision,
+            verbose=self.verbose,
+            desc=desc,
+        )
+
+    def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
+        """Scores and ranks a result frame (qid, query, docno, text)."""
+        self._validate(inp)
+        if len(inp) == 0:
+            out = inp.assign(score=pd.Series(dtype="float64"), rank=pd.Series(dtype="int64"))
+            return out
+        queries = inp["query"]
+        texts = inp[self.text_field]
+        if queries.isna().any() or texts.isna().any():
+            column = "query" if queries.isna().any() else self.text_field
+            raise ValueError(
+                f"CrossEncoder: {int(inp[column].isna().sum())} rows have no `{column}` (NaN/None); "
+                f"fill or drop them before reranking."
+            )
+        scores = self.score_pairs(queries.astype(str).tolist(), texts.astype(str).tolist())
+        out = inp.assign(score=scores.astype(np.float64))
+        # 0-based rank by descending score; ties keep input order
+        out["rank"] = out.groupby("qid", sort=False)["score"].rank(ascending=False, method="first").astype("int64") - 1
+        return out.sort_values(["qid", "rank"], kind="stable").reset_index(drop=True)
+
+    # -- saving and loading -----------------------------------------------------------------
+
+    def save_pretrained(self, path: Union[str, os.PathLike]) -> None:
+        """Writes a plain Hugging Face folder (safetensors weights, config, tokenizer).
+
+        ``transformers.AutoModelForSequenceClassification``, sentence-transformers'
+        ``CrossEncoder`` and :meth:`from_pretrained` all load it and score the same raw logits.
+        The folder is written next to ``path`` and renamed into place, so a crash never leaves a
+        half-written model under that name.
+        """
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        config = self.model.config
+        config.sentence_transformers = dict(_ST_CONFIG)
+        setattr(config, _CONFIG_KEY, {"max_length": self.max_length, "text_field": self.text_field})
+        self.model.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.model_max_length = self.max_length
+        self.tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, path)
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, os.PathLike], **kwargs: Any) -> "CrossEncoder":
+        """Loads a folder written by :meth:`save_pretrained` (or any Hugging Face model).
+
+        Settings saved with the model (``max_length``, ``text_field``) are restored unless given
+        in ``kwargs``.
+        """
+        config = transformers.AutoConfig.from_pretrained(
+            os.fspath(path), trust_remote_code=kwargs.get("trust_remote_code", False)
+        )
+        saved = getattr(config, _CONFIG_KEY, None) or {}
+        for key, value in saved.items():
+            kwargs.setdefault(key, value)
+        return cls(path, **kwargs)
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Moves folder ``tmp`` to ``path``, replacing an existing folder there."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        _rmtree(old)
+    else:
+        os.replace(tmp, path)
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,168 @@
+"""The scoring engine: (query, text) pairs to one float each, shared by inference and validation.
+
+Pairs are tokenised once, sorted by token length so that each batch pads to nearly the same
+length, run under ``torch.inference_mode`` (with bf16/fp16 autocast on GPU), and the scores are
+put back in input order.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+import pyterrier as pt
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# Pairs tokenised at a time: bounds memory for millions of pairs while sorting enough of them
+# together that batches pad little.
+CHUNK_SIZE = 16_384
+
+
+def resolve_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
+    """``None`` picks CUDA when present, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """Maps ``"auto" | "fp32" | "bf16" | "fp16"`` to the compute dtype on ``device``.
+
+    ``"auto"`` is bf16 on GPUs that support it (fp16 on older ones) and fp32 on the CPU.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}.")
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on ``device``; a no-op for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def tokenize_pairs(
+    tokenizer: PreTrainedTokenizerBase,
+    queries: Sequence[str],
+    texts: Sequence[str],
+    max_length: int,
+) -> Dict[str, List[List[int]]]:
+    """Tokenises pairs jointly (``[CLS] query [SEP] text [SEP]``) without padding.
+
+    Truncation is longest-first within ``max_length`` tokens, as in sentence-transformers, so
+    scores match a model saved from here and loaded there.
+    """
+    return tokenizer(
+        list(queries),
+        list(texts),
+        truncation=True,
+        max_length=max_length,
+        padding=False,
+        return_attention_mask=False,
+    ).data
+
+
+def uses_token_types(model: PreTrainedModel) -> bool:
+    """Whether the model embeds segment ids (BERT, ELECTRA) or has none to give (RoBERTa, ModernBERT)."""
+    return getattr(model.config, "type_vocab_size", 0) >= 2
+
+
+def pad_batch(
+    encoded: Dict[str, List[List[int]]],
+    rows: np.ndarray,
+    pad_token_id: int,
+    token_types: bool = True,
+) -> Dict[str, torch.Tensor]:
+    """Right-pads the rows ``rows`` of an unpadded encoding into tensors with an attention mask."""
+    ids = [encoded["input_ids"][i] for i in rows]
+    width = max(len(x) for x in ids)
+    batch = {
+        "input_ids": np.full((len(ids), width), pad_token_id, dtype=np.int64),
+        "attention_mask": np.zeros((len(ids), width), dtype=np.int64),
+    }
+    has_types = token_types and "token_type_ids" in encoded
+    if has_types:
+        batch["token_type_ids"] = np.zeros((len(ids), width), dtype=np.int64)
+    for j, (row, seq) in enumerate(zip(rows, ids)):
+        n = len(seq)
+        batch["input_ids"][j, :n] = seq
+        batch["attention_mask"][j, :n] = 1
+        if has_types:
+            batch["token_type_ids"][j, :n] = encoded["token_type_ids"][row]
+    return {k: torch.from_numpy(v) for k, v in batch.items()}
+
+
+def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Row indices in batches of ``batch_size``, longest first (an out-of-memory shows at once)."""
+    order = np.argsort(-lengths, kind="stable")
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
+def score_pairs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    queries: Sequence[str],
+    texts: Sequence[str],
+    *,
+    batch_size: int = 32,
+    max_length: int = 512,
+    device: Optional[torch.device] = None,
+    precision: str = "auto",
+    verbose: bool = False,
+    desc: str = "scoring",
+) -> np.ndarray:
+    """Scores each (query, text) pair with ``model``'s single logit.
+
+    Args:
+        model: A one-logit sequence-classification model.
+        tokenizer: Its tokenizer.
+        queries: Query texts, one per pair.
+        texts: Document texts, one per pair.
+        batch_size: Pairs per forward pass.
+        max_length: Token budget of a pair (query and text truncated longest-first).
+        device: Where to run; defaults to the model's device.
+        precision: ``"auto" | "fp32" | "bf16" | "fp16"``.
+        verbose: Show a ``pt.tqdm`` progress bar.
+        desc: Label of the progress bar.
+
+    Returns:
+        A float32 array of raw logits, in input order.
+    """
+    if len(queries) != len(texts):
+        raise ValueError(f"{len(queries)} queries but {len(texts)} texts: pairs must line up.")
+    n = len(queries)
+    scores = np.empty(n, dtype=np.float32)
+    if n == 0:
+        return scores
+    device = device or next(model.parameters()).device
+    dtype = resolve_precision(precision, device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    token_types = uses_token_types(model)
+    was_training = model.training
+    model.eval()
+    progress = pt.tqdm(total=n, desc=desc, unit="pair", disable=not verbose)
+    try:
+        with torch.inference_mode(), autocast(device, dtype):
+            for chunk in range(0, n, CHUNK_SIZE):
+                encoded = tokenize_pairs(
+                    tokenizer, queries[chunk:chunk + CHUNK_SIZE], texts[chunk:chunk + CHUNK_SIZE], max_length
+                )
+                lengths = np.fromiter((len(x) for x in encoded["input_ids"]), dtype=np.int64)
+                for rows in length_sorted_batches(lengths, batch_size):
+                    batch = {k: v.to(device, non_blocking=True) for k, v in pad_batch(encoded, rows, pad_id, token_types).items()}
+                    logits = model(**batch).logits
+                    scores[chunk + rows] = logits[:, 0].float().cpu().numpy()
+                    progress.update(len(rows))
+    finally:
+        progress.close()
+        model.train(was_training)
+    return scores
