@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import scoring
 from .loading import ModelLike, load_model, load_tokenizer
+from .settings import TrainingSettings
 
 # Written into config.json so that sentence-transformers' CrossEncoder returns raw logits, as we do.
 _ST_CONFIG = {"activation_fn": "torch.nn.modules.linear.Identity"}
@@ -46,6 +47,8 @@ class CrossEncoder(pt.Estimator):
         precision: ``"auto"`` (bf16/fp16 on GPU, fp32 on CPU), ``"fp32"``, ``"bf16"`` or ``"fp16"``.
         verbose: Show progress bars.
         trust_remote_code: Let transformers run code shipped with the model (off by default).
+        **settings: Training settings used by :meth:`fit` (see :class:`TrainingSettings`), e.g.
+            ``objective="infonce", group_size=8, lr=1e-4``.
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class CrossEncoder(pt.Estimator):
         precision: str = "auto",
         verbose: bool = False,
         trust_remote_code: bool = False,
+        **settings: Any,
     ):
         if precision not in scoring.PRECISIONS:
             raise ValueError(f"precision={precision!r} is not one of {scoring.PRECISIONS}.")
@@ -75,6 +79,8 @@ class CrossEncoder(pt.Estimator):
         self.precision = precision
         self.verbose = verbose
         self.trust_remote_code = trust_remote_code
+        self.settings = TrainingSettings().updated(**settings)
+        self.history = None  # the TrainingLog of the last fit
         # A built model may carry any weights, so its identity is its weights.
         self._fingerprint: Optional[str] = None if isinstance(model, (str, os.PathLike)) else self.weights_fingerprint()
 
@@ -173,6 +179,68 @@ class CrossEncoder(pt.Estimator):
         # 0-based rank by descending score; ties keep input order
         out["rank"] = out.groupby("qid", sort=False)["score"].rank(ascending=False, method="first").astype("int64") - 1
         return out.sort_values(["qid", "rank"], kind="stable").reset_index(drop=True)
+
+    # -- training ---------------------------------------------------------------------------
+
+    def fit(
+        self,
+        train: pd.DataFrame,
+        train_qrels: pd.DataFrame,
+        valid: Optional[pd.DataFrame] = None,
+        valid_qrels: Optional[pd.DataFrame] = None,
+        **settings: Any,
+    ) -> "CrossEncoder":
+        """Trains the model on query groups drawn from first-stage candidates.
+
+        Args:
+            train: Candidates (qid, query, docno, text), e.g. the output of
+                ``bm25 >> dataset.text_loader()``; or topics (qid, query) with ``first_stage=``.
+                In a pipeline, ``(bm25 >> ce).fit(topics, qrels, ...)`` feeds it the candidates.
+            train_qrels: Judgements (qid, docno, label); label > 0 is relevant.
+            valid: Candidates (or topics, with ``first_stage=``) to rerank for validation; the
+                depth of these candidates is the evaluation depth.
+            valid_qrels: Judgements of ``valid``.
+            **settings: Overrides of the constructor's training settings for this call (see
+                :class:`TrainingSettings`).
+
+        Returns:
+            ``self``, trained; ``self.history`` holds the training log. After validation the
+            best validated weights are kept.
+        """
+        s = self.settings.updated(**settings)
+        train = self._candidates(train, s.first_stage, "train")
+        if (valid is None) != (valid_qrels is None):
+            raise ValueError("Pass both valid and valid_qrels for validation, or neither.")
+        if valid is not None:
+            valid = self._candidates(valid, s.first_stage, "valid")
+        from .sampling import GroupSampler
+        from .training import Trainer
+
+        sampler = GroupSampler(train, train_qrels, group_size=s.group_size, negatives=s.negatives,
+                               seed=s.seed, text_field=self.text_field)
+        if self.verbose:
+            print(f"CrossEncoder.fit: {sampler.report}")
+        trainer = Trainer(self, s, sampler, valid, valid_qrels)
+        try:
+            self.history = trainer.run()
+        finally:
+            # Whatever happened, these weights are no longer the pretrained ones.
+            self._fingerprint = self.weights_fingerprint()
+        return self
+
+    def _candidates(self, frame: pd.DataFrame, first_stage, what: str) -> pd.DataFrame:
+        if "docno" not in frame.columns:
+            if first_stage is None:
+                raise ValueError(
+                    f"{what} has no `docno`: pass candidates (e.g. `(bm25 >> dataset.text_loader())(topics)`), "
+                    f"fit the pipeline `(bm25 >> dataset.text_loader() >> ce).fit(topics, qrels)`, "
+                    f"or give first_stage=."
+                )
+            frame = first_stage(frame)
+        self._validate(frame)
+        if len(frame) == 0:
+            raise ValueError(f"{what} has no candidates.")
+        return frame
 
     # -- saving and loading -----------------------------------------------------------------
 

@@ -28,17 +28,27 @@ def resolve_device(device: Optional[Union[str, torch.device]] = None) -> torch.d
     return torch.device(device)
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU runs bf16 matrix products natively (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device, *, training: bool = False) -> torch.dtype:
     """Maps ``"auto" | "fp32" | "bf16" | "fp16"`` to the compute dtype on ``device``.
 
-    ``"auto"`` is bf16 on GPUs that support it (fp16 on older ones) and fp32 on the CPU.
+    ``"auto"`` is bf16 on GPUs that support it (fp16 on older ones). On the CPU it is fp32 for
+    scoring (scores equal to other libraries') and, for training, bf16 autocast where the CPU
+    has native bf16 (about twice the speed; weights and losses stay fp32), else fp32.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}.")
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return torch.bfloat16 if training and cpu_has_fast_bf16() else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

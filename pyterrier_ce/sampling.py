@@ -1,0 +1,163 @@
+"""Training groups from first-stage candidates and qrels: 1 positive + negatives per query.
+
+Positives are the candidates judged relevant (label > 0); negatives are the candidates not judged
+relevant, drawn without replacement. Sampling is seeded per epoch, so an epoch's groups are the
+same however often (and from wherever) it is replayed, which is what exact resume relies on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import pandas as pd
+
+NEGATIVES = ("random", "top")
+
+
+@dataclass
+class Group:
+    """One query's training group: texts with their targets (labels or teacher scores)."""
+
+    qid: str
+    query: str
+    docnos: List[str]
+    texts: List[str]
+    targets: List[float]
+
+
+@dataclass
+class SamplingReport:
+    """What the sampler kept and what it skipped (reported, never silent)."""
+
+    queries: int = 0
+    used: int = 0
+    no_positive: int = 0
+    short_groups: int = 0
+    positives_not_in_candidates: int = 0
+    qrels_for_unknown_queries: int = 0
+
+    def __str__(self) -> str:
+        parts = [f"{self.used} of {self.queries} training queries used"]
+        if self.no_positive:
+            parts.append(f"{self.no_positive} skipped: no judged-relevant document among their candidates")
+        if self.short_groups:
+            parts.append(f"{self.short_groups} have fewer negatives than group_size - 1 (smaller groups)")
+        if self.qrels_for_unknown_queries:
+            parts.append(f"{self.qrels_for_unknown_queries} qrels queries have no candidates")
+        return "; ".join(parts)
+
+
+@dataclass
+class _Query:
+    qid: str
+    query: str
+    positives: np.ndarray  # row indices into the candidate frame
+    positive_labels: np.ndarray
+    negatives: np.ndarray  # row indices, in first-stage order
+    teacher: Optional[np.ndarray] = field(default=None)
+
+
+class GroupSampler:
+    """Builds seeded training groups of ``group_size`` documents: 1 positive + negatives.
+
+    Args:
+        candidates: Result frame (qid, query, docno, text; ``rank`` or ``score`` give the
+            first-stage order used by ``negatives="top"``).
+        qrels: qid, docno, label (higher is better; > 0 is relevant).
+        group_size: Documents per group (1 positive + ``group_size - 1`` negatives).
+        negatives: ``"random"`` (uniform from the candidates not judged relevant) or ``"top"``
+            (the highest-ranked of them).
+        seed: Seed of the per-epoch sampling.
+        text_field: Column holding the document text.
+    """
+
+    def __init__(
+        self,
+        candidates: pd.DataFrame,
+        qrels: pd.DataFrame,
+        *,
+        group_size: int = 8,
+        negatives: str = "random",
+        seed: int = 0,
+        text_field: str = "text",
+    ):
+        if group_size < 2:
+            raise ValueError(f"group_size={group_size}: a group needs a positive and at least one negative.")
+        if negatives not in NEGATIVES:
+            raise ValueError(f"negatives={negatives!r} is not one of {NEGATIVES}.")
+        self.group_size = group_size
+        self.negatives = negatives
+        self.seed = seed
+        self.text_field = text_field
+        self.report = SamplingReport()
+        self._docnos = candidates["docno"].astype(str).to_numpy()
+        self._texts = candidates[text_field].astype(str).to_numpy()
+        self._queries = self._index(candidates, qrels)
+
+    def _index(self, candidates: pd.DataFrame, qrels: pd.DataFrame) -> List[_Query]:
+        frame = candidates.reset_index(drop=True).assign(_row=np.arange(len(candidates)))
+        frame["qid"] = frame["qid"].astype(str)
+        frame["docno"] = frame["docno"].astype(str)
+        if "rank" in frame.columns:
+            frame = frame.sort_values(["qid", "rank"], kind="stable")
+        elif "score" in frame.columns:
+            frame = frame.sort_values(["qid", "score"], ascending=[True, False], kind="stable")
+        labels = qrels.assign(qid=qrels["qid"].astype(str), docno=qrels["docno"].astype(str))
+        labels = labels.drop_duplicates(["qid", "docno"], keep="last").set_index(["qid", "docno"])["label"]
+        frame["_label"] = labels.reindex(pd.MultiIndex.from_arrays([frame["qid"], frame["docno"]])).to_numpy()
+        frame["_label"] = frame["_label"].fillna(0)
+
+        known = set(frame["qid"])
+        self.report.qrels_for_unknown_queries = int((~labels.index.get_level_values(0).unique().isin(known)).sum())
+        relevant_judged = labels[labels > 0].groupby(level=0).size()
+        queries = []
+        for qid, rows in frame.groupby("qid", sort=False):
+            self.report.queries += 1
+            positive = rows["_label"].to_numpy() > 0
+            in_candidates = int(positive.sum())
+            self.report.positives_not_in_candidates += int(relevant_judged.get(qid, 0)) - in_candidates
+            if not positive.any():
+                self.report.no_positive += 1
+                continue
+            negatives = rows["_row"].to_numpy()[~positive]
+            if len(negatives) < self.group_size - 1:
+                self.report.short_groups += 1
+            if len(negatives) == 0:
+                self.report.no_positive += 1  # nothing to contrast the positive with
+                continue
+            queries.append(_Query(
+                qid=qid,
+                query=str(rows["query"].iloc[0]),
+                positives=rows["_row"].to_numpy()[positive],
+                positive_labels=rows["_label"].to_numpy()[positive].astype(np.float32),
+                negatives=negatives,
+            ))
+        self.report.used = len(queries)
+        if not queries:
+            raise ValueError(
+                f"No training query has a judged-relevant document among its candidates ({self.report}). "
+                f"Check that train and train_qrels share qids and docnos, or retrieve deeper candidates."
+            )
+        return queries
+
+    def __len__(self) -> int:
+        """Groups per epoch (one per usable query)."""
+        return len(self._queries)
+
+    def epoch(self, epoch: int) -> List[Group]:
+        """All groups of ``epoch``, in a seeded order; the same for the same (seed, epoch)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self._queries))
+        return [self._group(self._queries[i], rng) for i in order]
+
+    def _group(self, q: _Query, rng: np.random.Generator) -> Group:
+        pick = rng.integers(len(q.positives))
+        k = min(self.group_size - 1, len(q.negatives))
+        if self.negatives == "top":
+            negatives = q.negatives[:k]
+        else:
+            negatives = q.negatives[rng.choice(len(q.negatives), size=k, replace=False)]
+        rows = np.concatenate([[q.positives[pick]], negatives])
+        targets = [float(q.positive_labels[pick])] + [0.0] * k
+        return Group(q.qid, q.query, self._docnos[rows].tolist(), self._texts[rows].tolist(), targets)

@@ -1,0 +1,97 @@
+"""Training settings: accepted by ``CrossEncoder(...)`` and by ``CrossEncoder.fit(...)``.
+
+PyTerrier's ``Compose.fit`` passes no keywords, so every setting can also be given to the
+constructor; keywords given to ``fit`` override those for that call.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Union
+
+from torch import nn
+
+
+@dataclass
+class TrainingSettings:
+    """Settings of :meth:`CrossEncoder.fit`.
+
+    Attributes:
+        objective: A registry name (see ``pyterrier_ce.objectives.available()``) or an objective
+            module called as ``loss(scores, targets, mask)``.
+        objective_params: Keyword arguments for a named objective (e.g. ``{"temperature": 0.5}``).
+        group_size: Documents per query group: 1 positive + ``group_size - 1`` negatives.
+        negatives: ``"random"`` from the candidates not judged relevant, or ``"top"`` of them.
+        train_batch_size: Query groups per forward pass.
+        grad_accum_steps: Forward passes accumulated per optimiser step.
+        epochs: Passes over the training queries (ignored once ``max_steps`` is reached).
+        max_steps: Optimiser steps to stop after (``None``: all epochs).
+        lr: Peak learning rate of AdamW.
+        warmup: Linear warmup, as a fraction of the steps (< 1) or a number of steps (>= 1).
+        weight_decay: AdamW weight decay (not applied to biases and LayerNorm weights).
+        max_grad_norm: Gradient-norm clipping (``None``: off).
+        precision: ``"auto"`` (bf16 on GPU, fp32 on CPU), ``"fp32"``, ``"bf16"`` or ``"fp16"``;
+            ``None`` takes the CrossEncoder's own.
+        seed: Seeds the sampling, the dropout and the head.
+        eval_every: Validate every this many optimiser steps (``None``: at the end of each epoch).
+        eval_metric: An ir_measures name, e.g. ``"nDCG@10"`` or ``"RR(rel=2)@10"``.
+        patience: Stop after this many validations without improvement (``None``: never).
+        checkpoint_dir: Folder for ``last/`` (resumable state), ``best/`` (best validated
+            model) and ``log.jsonl``.
+        checkpoint_every: Save ``last/`` every this many steps (``None``: at each validation
+            and at the end).
+        resume: Continue from ``checkpoint_dir/last`` when it exists.
+        first_stage: A pipeline giving candidates (with text) for topics, used when ``train``
+            or ``valid`` are topics without ``docno``.
+        log_file: Where to append the JSONL training log (default ``checkpoint_dir/log.jsonl``).
+    """
+
+    objective: Union[str, nn.Module] = "infonce"
+    objective_params: Dict[str, Any] = field(default_factory=dict)
+    group_size: int = 8
+    negatives: str = "random"
+    train_batch_size: int = 8
+    grad_accum_steps: int = 1
+    epochs: int = 1
+    max_steps: Optional[int] = None
+    lr: float = 1e-4
+    warmup: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: Optional[float] = 1.0
+    precision: Optional[str] = None
+    seed: int = 42
+    eval_every: Optional[int] = None
+    eval_metric: str = "nDCG@10"
+    patience: Optional[int] = None
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: Optional[int] = None
+    resume: bool = False
+    first_stage: Any = None
+    log_file: Optional[str] = None
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def updated(self, **changes: Any) -> "TrainingSettings":
+        """A copy with ``changes``; unknown names are an error listing the valid ones."""
+        unknown = sorted(set(changes) - set(self.names()))
+        if unknown:
+            raise TypeError(f"Unknown training setting(s) {unknown}; valid: {', '.join(self.names())}.")
+        settings = dataclasses.replace(self, **changes)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuses values that cannot train."""
+        for name in ("group_size", "train_batch_size", "grad_accum_steps", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}.")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1 (or None), not {self.max_steps}.")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, not {self.lr}.")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, not {self.warmup}.")
+        if (self.resume or self.checkpoint_every) and not self.checkpoint_dir:
+            raise ValueError("resume and checkpoint_every need a checkpoint_dir.")
