@@ -22,8 +22,8 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest", "sentence-transformers>=4", "pyterrier-caching"],
-        "notebooks": ["jupyter", "nbconvert", "matplotlib", "sentence-transformers>=4"],
+        "test": ["pytest", "sentence-transformers>=4", "pyterrier-caching", "matplotlib", "tabulate"],
+        "notebooks": ["jupyter", "nbconvert", "matplotlib", "tabulate", "sentence-transformers>=4"],
     },
     entry_points={"console_scripts": ["pyterrier-ce=pyterrier_ce.cli:main"]},
 )

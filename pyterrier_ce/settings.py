@@ -27,6 +27,10 @@ class TrainingSettings:
         epochs: Passes over the training queries (ignored once ``max_steps`` is reached).
         max_steps: Optimiser steps to stop after (``None``: all epochs).
         lr: Peak learning rate of AdamW.
+        head_lr: Peak learning rate of the new classification head and its pooler (``None``: ``lr``).
+        layer_decay: Layer-wise learning-rate decay: encoder layer i (of L) learns at
+            ``lr * layer_decay ** (L + 1 - (i + 1))``, embeddings at ``lr * layer_decay ** (L + 1)``
+            (``None``: off).
         warmup: Linear warmup, as a fraction of the steps (< 1) or a number of steps (>= 1).
         weight_decay: AdamW weight decay (not applied to biases and LayerNorm weights).
         max_grad_norm: Gradient-norm clipping (``None``: off).
@@ -55,6 +59,8 @@ class TrainingSettings:
     epochs: int = 1
     max_steps: Optional[int] = None
     lr: float = 1e-4
+    head_lr: Optional[float] = None
+    layer_decay: Optional[float] = None
     warmup: float = 0.1
     weight_decay: float = 0.01
     max_grad_norm: Optional[float] = 1.0

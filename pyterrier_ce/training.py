@@ -8,8 +8,8 @@ position.
 from __future__ import annotations
 
 import json
-import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -36,13 +36,38 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; training stopped before corrupting the model."""
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    decay, no_decay = [], []
+def _depth(name: str, num_layers: int) -> int:
+    """0 for embeddings, i + 1 for encoder layer i, num_layers + 1 for the rest (pooler, head)."""
+    match = re.search(r"\.layers?\.(\d+)\.", name)
+    if match:
+        return int(match.group(1)) + 1
+    if "embed" in name:
+        return 0
+    return num_layers + 1
+
+
+def _is_head(name: str, model: torch.nn.Module) -> bool:
+    """The classification head and the pooler feeding it: parts that start untrained for ranking."""
+    return not name.startswith(model.base_model_prefix + ".") or ".pooler." in name
+
+
+def param_groups(model: torch.nn.Module, s: TrainingSettings) -> List[Dict[str, Any]]:
+    """AdamW groups: no decay for biases and norms; ``head_lr`` for the head; ``layer_decay``
+    scales the learning rate of encoder layer i by decay^(layers + 1 - depth)."""
+    num_layers = getattr(model.config, "num_hidden_layers", 0)
+    groups: Dict[tuple, Dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or "LayerNorm" in name or "layernorm" in name else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = 0.0 if param.ndim < 2 or "norm" in name.lower() else s.weight_decay
+        if _is_head(name, model):
+            lr = s.head_lr or s.lr
+        elif s.layer_decay:
+            lr = s.lr * s.layer_decay ** (num_layers + 1 - _depth(name, num_layers))
+        else:
+            lr = s.lr
+        groups.setdefault((lr, decay), {"params": [], "lr": lr, "weight_decay": decay})["params"].append(param)
+    return list(groups.values())
 
 
 def collate(groups: List[Group], tokenizer, max_length: int, token_types: bool):
@@ -100,7 +125,7 @@ class Trainer:
         torch.manual_seed(self.s.seed)
         model = self.ce.model
         model.train()
-        self.optimizer = torch.optim.AdamW(_param_groups(model, self.s.weight_decay), lr=self.s.lr)
+        self.optimizer = torch.optim.AdamW(param_groups(model, self.s), lr=self.s.lr)
         warmup = self.s.warmup if self.s.warmup >= 1 else self.s.warmup * self.total_steps
         # The scheduler steps once per optimiser step, on every process: not handed to Accelerate.
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(round(warmup)), self.total_steps)

@@ -1,0 +1,87 @@
+"""Small-budget training runs on CPU: settings -> minutes -> SQuAD dev nDCG@10 (or test, once).
+
+Each run trains all-MiniLM-L6-v2 on SQuAD train questions with BM25 (PISA) candidates, then
+reranks BM25 top-20 of SQuAD dev questions (held-out articles). Settings are chosen on dev;
+``--final`` evaluates on SQuAD test and TREC DL 2019 instead, with significance against BM25.
+Appends one JSON row per run to ``--out/results.jsonl`` and keeps each run's training log.
+
+    python benchmarks/budget_sweep.py --name lr2e-4 --settings '{"lr": 2e-4, "group_size": 4}'
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pyterrier as pt
+from pyterrier.measures import RR, nDCG
+
+from common import DATA, minilm_path
+from pyterrier_ce import BeirDataset, CrossEncoder
+from pyterrier_ce.demo import bm25_pipeline, experiment, quiet_native_output
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--settings", default="{}", help="JSON of CrossEncoder training settings")
+    parser.add_argument("--train-queries", type=int, default=2000)
+    parser.add_argument("--train-depth", type=int, default=20)
+    parser.add_argument("--max-length", type=int, default=None)
+    parser.add_argument("--dev-queries", type=int, default=400)
+    parser.add_argument("--final", action="store_true", help="evaluate on SQuAD test + TREC DL 2019 instead of dev")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "budget"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = json.loads(args.settings)
+    workdir = Path("/tmp/pyterrier-ce-demo")
+
+    squad = BeirDataset(DATA / "squad")
+    bm25 = bm25_pipeline(squad, workdir, args.train_depth)
+    topics = squad.get_topics("train").sample(n=args.train_queries, random_state=args.seed)
+    with quiet_native_output():
+        candidates = bm25(topics)
+    extra = {} if args.max_length is None else {"max_length": args.max_length}
+    ce = CrossEncoder(minilm_path(), seed=args.seed, **extra, **settings)
+    (out / f"{args.name}.log.jsonl").unlink(missing_ok=True)
+    start = time.perf_counter()
+    ce.fit(candidates, squad.get_qrels("train"), log_file=str(out / f"{args.name}.log.jsonl"))
+    train_min = (time.perf_counter() - start) / 60
+    steps = ce.history.frame("step")
+    row = {"name": args.name, "settings": settings, "max_length": ce.max_length, "train_queries": args.train_queries,
+           "used_queries": int(steps["groups"].iloc[-1]), "steps": len(steps), "train_min": round(train_min, 2),
+           "loss_first50": round(float(steps["loss"].head(50).mean()), 4),
+           "loss_last50": round(float(steps["loss"].tail(50).mean()), 4)}
+    if not args.final:
+        dev = squad.get_topics("dev").sample(n=args.dev_queries, random_state=args.seed)
+        with quiet_native_output():
+            first = pt.Transformer.from_df(bm25(dev))
+        t = time.perf_counter()
+        res = pt.Experiment([first, first >> ce], dev, squad.get_qrels("dev"), [nDCG @ 10], names=["bm25", "ce"],
+                            baseline=0)
+        row.update({"dev_bm25": round(float(res["nDCG@10"].iloc[0]), 4), "dev_ce": round(float(res["nDCG@10"].iloc[1]), 4),
+                    "dev_p": float(res["nDCG@10 p-value"].iloc[1]), "eval_min": round((time.perf_counter() - t) / 60, 2)})
+    else:
+        test = squad.get_topics("test").sample(n=300, random_state=args.seed)
+        with quiet_native_output():
+            first = pt.Transformer.from_df(bm25(test))
+        sq = experiment(first, ce, test, squad.get_qrels("test"), "BM25", [nDCG @ 10, RR @ 10])
+        dl19 = BeirDataset(DATA / "trec_dl_2019")
+        dl = experiment(pt.Transformer.from_df(dl19.get_candidates("test")) >> dl19.text_loader("text"), ce,
+                        dl19.get_topics("test"), dl19.get_qrels("test"), "BM25", [nDCG @ 10, RR(rel=2) @ 10])
+        print(sq.to_string(index=False))
+        print(dl.to_string(index=False))
+        row.update({"squad_test_bm25": float(sq["nDCG@10"].iloc[0]), "squad_test_ce": float(sq["nDCG@10"].iloc[1]),
+                    "squad_test_p": float(sq["nDCG@10 p-value"].iloc[1]),
+                    "dl19_bm25": float(dl["nDCG@10"].iloc[0]), "dl19_ce": float(dl["nDCG@10"].iloc[1]),
+                    "dl19_p": float(dl["nDCG@10 p-value"].iloc[1])})
+    print(json.dumps(row))
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

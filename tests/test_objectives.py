@@ -1,0 +1,116 @@
+"""Objectives: values on hand-worked cases, masks, fp32 under autocast, the registry."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pyterrier_ce import objectives
+
+
+def t(rows):
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def softplus(x):
+    return math.log1p(math.exp(x))
+
+
+def test_registry():
+    assert {"bce", "hinge", "ranknet", "lambdaloss", "infonce", "listnet"} <= set(objectives.available())
+    assert isinstance(objectives.get("infonce", temperature=0.5), torch.nn.Module)
+    assert objectives.get("infonce", temperature=0.5).temperature == 0.5
+    custom = objectives.get("ranknet")
+    assert objectives.get(custom) is custom
+    with pytest.raises(ValueError, match="Unknown objective 'softmax'; available: .*infonce"):
+        objectives.get("softmax")
+
+
+def test_bce():
+    loss = objectives.get("bce")
+    # -log σ(2) and -log(1 - σ(-1)), averaged
+    assert loss(t([[2.0, -1.0]]), t([[1, 0]])).item() == pytest.approx((softplus(-2) + softplus(-1)) / 2, rel=1e-5)
+    # graded labels count as relevant; masked entries are left out
+    assert loss(t([[2.0, -1.0]]), t([[3, 0]]), mask=torch.tensor([[True, False]])).item() == pytest.approx(softplus(-2), rel=1e-5)
+    weighted = objectives.get("bce", pos_weight=3.0)(t([[2.0, -1.0]]), t([[1, 0]])).item()
+    assert weighted == pytest.approx((3 * softplus(-2) + softplus(-1)) / 2, rel=1e-5)
+
+
+def test_hinge():
+    loss = objectives.get("hinge")
+    # pairs (pos, neg1): max(0, 1 - 2) = 0; (pos, neg2): max(0, 1 - 0.5) = 0.5
+    assert loss(t([[3.0, 1.0, 2.5]]), t([[1, 0, 0]])).item() == pytest.approx(0.25)
+    assert objectives.get("hinge", margin=3.0)(t([[3.0, 1.0, 2.5]]), t([[1, 0, 0]])).item() == pytest.approx((1 + 2.5) / 2)
+
+
+def test_ranknet():
+    loss = objectives.get("ranknet")
+    assert loss(t([[1.0, 0.0]]), t([[1, 0]])).item() == pytest.approx(softplus(-1), rel=1e-5)
+    # graded: pairs (2>1), (2>0), (1>0), all with equal scores: ln 2 each
+    assert loss(t([[0.0, 0.0, 0.0]]), t([[2, 1, 0]])).item() == pytest.approx(math.log(2), rel=1e-5)
+    # a wrongly ordered pair costs more than a rightly ordered one
+    assert loss(t([[0.0, 1.0]]), t([[1, 0]])).item() > loss(t([[1.0, 0.0]]), t([[1, 0]])).item()
+
+
+def test_infonce():
+    loss = objectives.get("infonce")
+    assert loss(t([[2.0, 0.0, 0.0]]), t([[1, 0, 0]])).item() == pytest.approx(math.log(1 + 2 * math.exp(-2)), rel=1e-5)
+    tau = objectives.get("infonce", temperature=0.5)
+    assert tau(t([[2.0, 0.0, 0.0]]), t([[1, 0, 0]])).item() == pytest.approx(math.log(1 + 2 * math.exp(-4)), rel=1e-5)
+    masked = loss(t([[2.0, 0.0, 9.0]]), t([[1, 0, 0]]), mask=torch.tensor([[True, True, False]]))
+    assert masked.item() == pytest.approx(math.log(1 + math.exp(-2)), rel=1e-5)
+    # two positives: uniform target over them
+    z = math.log(math.e + 2)
+    assert loss(t([[1.0, 0.0, 0.0]]), t([[1, 1, 0]])).item() == pytest.approx(((z - 1) + z) / 2, rel=1e-5)
+    # a query without a positive is left out of the mean
+    both = loss(t([[2.0, 0.0, 0.0], [5.0, 5.0, 5.0]]), t([[1, 0, 0], [0, 0, 0]]))
+    assert both.item() == pytest.approx(math.log(1 + 2 * math.exp(-2)), rel=1e-5)
+
+
+def test_infonce_gradient_is_softmax_minus_target():
+    scores = t([[2.0, 0.0, -1.0]]).requires_grad_()
+    objectives.get("infonce")(scores, t([[1, 0, 0]])).backward()
+    expected = torch.softmax(scores.detach(), dim=1) - t([[1, 0, 0]])
+    torch.testing.assert_close(scores.grad, expected)
+
+
+def test_listnet():
+    loss = objectives.get("listnet")
+    p = torch.softmax(t([1.0, 0.0]), 0)
+    assert loss(t([[1.0, 0.0]]), t([[0, 0]])).item() == pytest.approx(-(0.5 * math.log(p[0]) + 0.5 * math.log(p[1])), rel=1e-5)
+    # graded labels shape the target distribution: [2, 0] puts e^2/(e^2+1) on the first
+    q = math.exp(2) / (math.exp(2) + 1)
+    assert loss(t([[1.0, 0.0]]), t([[2, 0]])).item() == pytest.approx(-(q * math.log(p[0]) + (1 - q) * math.log(p[1])), rel=1e-5)
+
+
+def test_lambdaloss_worked_case():
+    # Two documents, the relevant one scored lower. Sorted by score: [irrelevant, relevant].
+    # maxDCG = 1, gains [0, 1]; D = [log2 2, log2 3]; δ = |1/D1 - 1/D2| = lambdarank weight.
+    d = 1 - 1 / math.log2(3)
+    weight = 10 * d + d
+    expected = -weight * math.log(1 / (1 + math.exp(1)))  # log σ(0 - 1)
+    loss = objectives.get("lambdaloss")(t([[0.0, 1.0]]), t([[1, 0]]))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # rightly ordered costs less; padding does not change the value
+    assert objectives.get("lambdaloss")(t([[1.0, 0.0]]), t([[1, 0]])).item() < loss.item()
+    padded = objectives.get("lambdaloss")(t([[0.0, 1.0, 7.0]]), t([[1, 0, 3]]), mask=torch.tensor([[True, True, False]]))
+    assert padded.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bce", "hinge", "ranknet", "lambdaloss", "infonce", "listnet"])
+def test_fp32_under_autocast(name):
+    scores = torch.randn(3, 4).to(torch.bfloat16).requires_grad_()
+    targets = t([[1, 0, 0, 0], [2, 1, 0, 0], [1, 0, 0, 0]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = objectives.get(name)(scores, targets)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(scores.grad.float()).all()
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError, match="one shape"):
+        objectives.get("infonce")(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="mask"):
+        objectives.get("infonce")(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 2, dtype=torch.bool))

@@ -1,0 +1,69 @@
+"""GroupSampler: positives from qrels, negatives without replacement, seeded, skipped queries counted."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from pyterrier_ce.sampling import GroupSampler
+
+
+@pytest.fixture()
+def candidates():
+    rows = []
+    for q in ["a", "b", "c"]:
+        for r in range(10):
+            rows.append((q, f"query {q}", f"{q}{r}", f"text {q}{r}", r, 10.0 - r))
+    return pd.DataFrame(rows, columns=["qid", "query", "docno", "text", "rank", "score"])
+
+
+@pytest.fixture()
+def qrels():
+    # a: two relevant (grades 2 and 1) and one judged non-relevant; b: relevant doc not retrieved; c: none
+    return pd.DataFrame([("a", "a3", 2), ("a", "a7", 1), ("a", "a0", 0), ("b", "zz", 1), ("x", "x1", 1)],
+                        columns=["qid", "docno", "label"])
+
+
+def test_groups(candidates, qrels):
+    sampler = GroupSampler(candidates, qrels, group_size=5, seed=1)
+    assert len(sampler) == 1
+    assert sampler.report.queries == 3 and sampler.report.used == 1 and sampler.report.no_positive == 2
+    assert sampler.report.positives_not_in_candidates == 1
+    assert sampler.report.qrels_for_unknown_queries == 1
+    assert "1 of 3 training queries used" in str(sampler.report)
+    for epoch in range(20):
+        (group,) = sampler.epoch(epoch)
+        assert group.qid == "a" and group.query == "query a"
+        assert group.docnos[0] in {"a3", "a7"}
+        assert group.targets == [2.0 if group.docnos[0] == "a3" else 1.0, 0, 0, 0, 0]  # graded label kept
+        assert len(set(group.docnos)) == 5  # no repeats
+        assert not set(group.docnos[1:]) & {"a3", "a7"}  # negatives are not judged relevant
+        assert group.texts == [f"text {d}" for d in group.docnos]
+
+
+def test_seeded(candidates, qrels):
+    first = [g.docnos for g in GroupSampler(candidates, qrels, group_size=4, seed=7).epoch(3)]
+    again = [g.docnos for g in GroupSampler(candidates, qrels, group_size=4, seed=7).epoch(3)]
+    assert first == again
+    epochs = {tuple(GroupSampler(candidates, qrels, group_size=4, seed=7).epoch(e)[0].docnos) for e in range(10)}
+    assert len(epochs) > 1
+
+
+def test_top_negatives(candidates, qrels):
+    (group,) = GroupSampler(candidates, qrels, group_size=4, negatives="top").epoch(0)
+    assert group.docnos[1:] == ["a0", "a1", "a2"]  # first-stage order, relevant ones left out
+
+
+def test_short_groups(candidates, qrels):
+    sampler = GroupSampler(candidates, qrels, group_size=12)
+    assert sampler.report.short_groups == 1
+    (group,) = sampler.epoch(0)
+    assert len(group.docnos) == 9  # 1 positive + the 8 non-relevant candidates
+
+
+def test_errors(candidates, qrels):
+    with pytest.raises(ValueError, match="No training query has a judged-relevant document"):
+        GroupSampler(candidates, qrels[qrels.qid == "b"])
+    with pytest.raises(ValueError, match="negatives="):
+        GroupSampler(candidates, qrels, negatives="hard")
+    with pytest.raises(ValueError, match="group_size"):
+        GroupSampler(candidates, qrels, group_size=1)
