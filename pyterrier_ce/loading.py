@@ -105,3 +105,38 @@ def load_tokenizer(
             "(a tokenizer object, hub name or folder)."
         )
     return AutoTokenizer.from_pretrained(os.fspath(source), trust_remote_code=trust_remote_code)
+
+
+def _layer_list(model: PreTrainedModel) -> Tuple[torch.nn.Module, str]:
+    """The module holding the encoder's layer ``ModuleList`` and that attribute's name."""
+    base = getattr(model, model.base_model_prefix, model)
+    for owner in (getattr(base, "encoder", None), base):
+        for attr in ("layer", "layers"):
+            layers = getattr(owner, attr, None) if owner is not None else None
+            if isinstance(layers, torch.nn.ModuleList) and len(layers) == model.config.num_hidden_layers:
+                return owner, attr
+    raise ValueError(f"Cannot find the encoder layers of {type(model).__name__} to take a subset of them.")
+
+
+def student_layers(num_hidden_layers: int, num_layers: int) -> list[int]:
+    """Every (L/k)-th layer from the first, as DistilBERT took every other layer: 6 -> 3 gives
+    [0, 2, 4], 6 -> 2 gives [0, 3]."""
+    if not 1 <= num_layers <= num_hidden_layers:
+        raise ValueError(f"num_layers={num_layers}: the backbone has {num_hidden_layers} layers.")
+    return [int(i * num_hidden_layers / num_layers) for i in range(num_layers)]
+
+
+def keep_layers(model: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
+    """Keeps only the encoder layers ``layers`` (in that order): a smaller student that starts
+    from the backbone's weights. The config is updated so a saved student reloads as it is."""
+    total = model.config.num_hidden_layers
+    if not layers or sorted(set(layers)) != list(layers) or layers[0] < 0 or layers[-1] >= total:
+        raise ValueError(f"layers={layers}: give increasing, distinct indices in 0..{total - 1}.")
+    owner, attr = _layer_list(model)
+    old = getattr(owner, attr)
+    setattr(owner, attr, torch.nn.ModuleList([old[i] for i in layers]))
+    model.config.num_hidden_layers = len(layers)
+    layer_types = getattr(model.config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) == total:
+        model.config.layer_types = [layer_types[i] for i in layers]
+    return model

@@ -15,7 +15,7 @@ import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import scoring
-from .loading import ModelLike, load_model, load_tokenizer
+from .loading import ModelLike, keep_layers, load_model, load_tokenizer, student_layers
 from .settings import TrainingSettings
 
 # Written into config.json so that sentence-transformers' CrossEncoder returns raw logits, as we do.
@@ -41,12 +41,15 @@ class CrossEncoder(pt.Estimator):
             ModernBERT, ...) gets one, freshly initialised.
         tokenizer: A tokenizer, or its name or folder; defaults to the model's.
         batch_size: Pairs per forward pass when scoring.
-        max_length: Token budget of a (query, text) pair; capped at the model's limit.
+        max_length: Token budget of a (query, text) pair (default: the model's limit, at most 512).
         text_field: The column holding the document text.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...; ``None`` picks CUDA when present.
         precision: ``"auto"`` (bf16/fp16 on GPU, fp32 on CPU), ``"fp32"``, ``"bf16"`` or ``"fp16"``.
         verbose: Show progress bars.
         trust_remote_code: Let transformers run code shipped with the model (off by default).
+        num_layers: Build a smaller student from ``num_layers`` of the backbone's layers, evenly
+            spaced from the first (6 -> 3 keeps layers 0, 2, 4), as DistilBERT did.
+        layers: Or name the backbone layers to keep (0-based, increasing).
         **settings: Training settings used by :meth:`fit` (see :class:`TrainingSettings`), e.g.
             ``objective="infonce", group_size=8, lr=1e-4``.
     """
@@ -57,12 +60,14 @@ class CrossEncoder(pt.Estimator):
         *,
         tokenizer: Optional[Union[str, os.PathLike, PreTrainedTokenizerBase]] = None,
         batch_size: int = 32,
-        max_length: int = 512,
+        max_length: Optional[int] = None,
         text_field: str = "text",
         device: Optional[Union[str, torch.device]] = None,
         precision: str = "auto",
         verbose: bool = False,
         trust_remote_code: bool = False,
+        num_layers: Optional[int] = None,
+        layers: Optional[list] = None,
         **settings: Any,
     ):
         if precision not in scoring.PRECISIONS:
@@ -71,6 +76,14 @@ class CrossEncoder(pt.Estimator):
             raise ValueError(f"batch_size must be at least 1, not {batch_size}.")
         self.device = scoring.resolve_device(device)
         self.model, self._name = load_model(model, trust_remote_code=trust_remote_code)
+        if num_layers is not None and layers is not None:
+            raise ValueError("Give num_layers or layers, not both.")
+        self.num_layers = num_layers
+        self.layers = list(layers) if layers is not None else None
+        if num_layers is not None:
+            self.layers = student_layers(self.model.config.num_hidden_layers, num_layers)
+        if self.layers is not None:
+            keep_layers(self.model, self.layers)
         self.model.to(self.device).eval()
         self.tokenizer = load_tokenizer(tokenizer, self._name, trust_remote_code=trust_remote_code)
         self.batch_size = batch_size
@@ -84,10 +97,12 @@ class CrossEncoder(pt.Estimator):
         # A built model may carry any weights, so its identity is its weights.
         self._fingerprint: Optional[str] = None if isinstance(model, (str, os.PathLike)) else self.weights_fingerprint()
 
-    def _check_max_length(self, max_length: int) -> int:
+    def _check_max_length(self, max_length: Optional[int]) -> int:
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit is not None and getattr(self.model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
             limit -= 2  # RoBERTa-style position ids start after the padding index
+        if max_length is None:
+            return min(512, limit) if limit is not None else 512
         if max_length < 8:
             raise ValueError(f"max_length={max_length} leaves no room for a query and a text.")
         if limit is not None and max_length > limit:
@@ -108,10 +123,12 @@ class CrossEncoder(pt.Estimator):
         return digest.hexdigest()
 
     def _identity(self) -> tuple:
-        return (self._name, self._fingerprint, self.max_length, self.text_field)
+        layers = tuple(self.layers) if self.layers is not None else None
+        return (self._name, layers, self._fingerprint, self.max_length, self.text_field)
 
     def __repr__(self) -> str:
-        extra = f", weights={self._fingerprint}" if self._fingerprint else ""
+        extra = f", layers={self.layers}" if self.layers is not None else ""
+        extra += f", weights={self._fingerprint}" if self._fingerprint else ""
         return f"CrossEncoder({self._name!r}{extra}, max_length={self.max_length})"
 
     def __eq__(self, other: Any) -> bool:
@@ -213,20 +230,46 @@ class CrossEncoder(pt.Estimator):
             raise ValueError("Pass both valid and valid_qrels for validation, or neither.")
         if valid is not None:
             valid = self._candidates(valid, s.first_stage, "valid")
+        from . import objectives
         from .sampling import GroupSampler
         from .training import Trainer
 
+        objective = objectives.get(s.objective, **s.objective_params)
+        teacher_scores = self._teacher_scores(s, objective, train)
         sampler = GroupSampler(train, train_qrels, group_size=s.group_size, negatives=s.negatives,
-                               seed=s.seed, text_field=self.text_field)
+                               seed=s.seed, text_field=self.text_field, teacher_scores=teacher_scores)
         if self.verbose:
             print(f"CrossEncoder.fit: {sampler.report}")
-        trainer = Trainer(self, s, sampler, valid, valid_qrels)
+        trainer = Trainer(self, s, sampler, objective, valid, valid_qrels)
         try:
             self.history = trainer.run()
         finally:
             # Whatever happened, these weights are no longer the pretrained ones.
             self._fingerprint = self.weights_fingerprint()
         return self
+
+    @staticmethod
+    def _teacher_scores(s: TrainingSettings, objective, train: pd.DataFrame) -> Optional[np.ndarray]:
+        """The teacher's scores of the training candidates, when the objective distils one."""
+        from .settings import default_cache_dir
+        from .teachers import as_teacher
+
+        name = getattr(objective, "name", "") or type(objective).__name__
+        distils = getattr(objective, "targets_kind", "labels") == "teacher"
+        if distils and s.teacher is None:
+            raise ValueError(
+                f"Objective {name!r} distils a teacher's scores: pass teacher= (a pipeline such as a larger "
+                f"CrossEncoder, a run with scores or ranks, or pyterrier_ce.teachers.Ensemble([...]))."
+            )
+        if not distils and s.teacher is not None:
+            raise ValueError(
+                f"Objective {name!r} trains on relevance labels and would ignore the teacher: choose a "
+                f"distillation objective (margin_mse, kl, distill_ranknet, adr_mse, mse) or drop teacher=."
+            )
+        if s.teacher is None:
+            return None
+        cache = None if s.teacher_cache is False else (s.teacher_cache or default_cache_dir())
+        return as_teacher(s.teacher, cache_dir=cache).scores(train)
 
     def _candidates(self, frame: pd.DataFrame, first_stage, what: str) -> pd.DataFrame:
         if "docno" not in frame.columns:

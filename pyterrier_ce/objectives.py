@@ -5,8 +5,9 @@ Every objective is a ``torch.nn.Module`` called as ``loss(scores, targets, mask=
 (relevance labels, or teacher scores), and ``mask`` marks the real entries of ragged groups.
 The loss is computed in fp32, also under bf16/fp16 autocast.
 
-Pointwise: ``bce``. Pairwise: ``hinge``, ``ranknet``, ``lambdaloss``. Listwise: ``infonce``,
-``listnet``.
+Supervised (targets are labels) -- pointwise: ``bce``; pairwise: ``hinge``, ``ranknet``,
+``lambdaloss``; listwise: ``infonce``, ``listnet``. Distillation (targets are teacher scores) --
+pointwise: ``mse``; pairwise: ``margin_mse``; listwise: ``kl``, ``distill_ranknet``, ``adr_mse``.
 """
 from __future__ import annotations
 
@@ -266,3 +267,124 @@ class ListNet(Objective):
         log_p = torch.log_softmax(scores.masked_fill(~mask, -math.inf), dim=1)
         per_query = -(target_p * log_p.masked_fill(~mask, 0.0)).sum(dim=1)
         return per_query.mean()
+
+
+# -- distillation: targets are teacher scores (higher is better) ----------------------------
+
+
+def teacher_ranks(targets: Tensor, mask: Tensor) -> Tensor:
+    """1-based ranks from teacher scores: r_i = 1 + #{j real : t_j > t_i} (ties share a rank)."""
+    above = (targets[:, None, :] > targets[:, :, None]) & mask[:, None, :]
+    return 1.0 + above.sum(dim=2).float()
+
+
+@register("mse")
+class MSE(Objective):
+    r"""Pointwise mean squared error between student and teacher scores.
+
+    .. math:: \mathcal{L} = \frac{1}{N}\sum_i (s_i - t_i)^2
+
+    Paper: Hinton et al., "Distilling the Knowledge in a Neural Network", 2015 (score matching).
+    """
+
+    targets_kind = "teacher"
+
+    def compute(self, scores: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+        return masked_mean((scores - targets) ** 2, mask)
+
+
+@register("margin_mse")
+class MarginMSE(Objective):
+    r"""Margin-MSE: the student's score margins match the teacher's.
+
+    .. math:: \mathcal{L} = \frac{1}{|P|}\sum_{(i,j) \in P} \big((s_i - s_j) - (t_i - t_j)\big)^2,
+              \quad P = \{(i, j) : t_i > t_j\}
+
+    With a (query, positive, negative) triple this is the original
+    ``((s⁺ − s⁻) − (t⁺ − t⁻))²``; longer groups use every teacher-ordered pair. Teacher scores
+    are used as they are (no normalisation): a teacher ensemble normalises before averaging.
+
+    Paper: Hofstätter et al., "Improving Efficient Neural Ranking Models with Cross-Architecture
+    Knowledge Distillation", 2020.
+    """
+
+    targets_kind = "teacher"
+
+    def compute(self, scores: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+        error = (score_differences(scores) - score_differences(targets)) ** 2
+        return masked_mean(error, ordered_pairs(targets, mask))
+
+
+@register("kl")
+class KLDivergence(Objective):
+    r"""Listwise KL divergence from the teacher's to the student's distribution over the group.
+
+    .. math:: \mathcal{L} = \frac{1}{|Q|}\sum_q \sum_i p^t_i (\log p^t_i - \log p^s_i),
+              \quad p^t = \operatorname{softmax}(t/T),\ p^s = \operatorname{softmax}(s/T)
+
+    Args:
+        temperature: T, softening both distributions (1 by default).
+
+    Paper: Hinton et al., "Distilling the Knowledge in a Neural Network", 2015.
+    """
+
+    targets_kind = "teacher"
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        self.temperature = temperature
+
+    def compute(self, scores: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+        log_t = torch.log_softmax((targets / self.temperature).masked_fill(~mask, -math.inf), dim=1)
+        log_s = torch.log_softmax((scores / self.temperature).masked_fill(~mask, -math.inf), dim=1)
+        terms = (log_t.exp() * (log_t - log_s)).masked_fill(~mask, 0.0)
+        return terms.sum(dim=1).mean()
+
+
+@register("distill_ranknet")
+class DistillRankNet(RankNet):
+    r"""RankNet over the pairs ordered by the teacher: the student learns the teacher's ranking.
+
+    .. math:: \mathcal{L} = \frac{1}{|P|}\sum_{(i,j) \in P} \log\left(1 + e^{-(s_i - s_j)}\right),
+              \quad P = \{(i, j) : t_i > t_j\}
+
+    over all pairs of the teacher's list, without position weighting. A teacher that gives only
+    ranks gives targets ``depth − rank``.
+
+    Paper: Schlatt et al., "Rank-DistiLLM: Closing the Effectiveness Gap Between Cross-Encoders
+    and LLMs for Passage Re-ranking", ECIR 2025.
+    """
+
+    targets_kind = "teacher"
+
+
+@register("adr_mse")
+class ADRMSE(Objective):
+    r"""Approximate discounted rank MSE: the student's soft ranks match the teacher's ranks.
+
+    .. math:: \hat r_i = 1 + \sum_{j \ne i} \sigma\!\left(\frac{s_j - s_i}{T}\right), \quad
+              \mathcal{L} = \frac{1}{N}\sum_i \frac{(r_i - \hat r_i)^2}{\log_2(r_i + 1)}
+
+    with :math:`r_i = 1 + |\{j : t_j > t_i\}|` the teacher's rank; the discount puts the
+    weight on the top of the teacher's list.
+
+    Args:
+        temperature: T of the soft rank (1 by default).
+
+    Paper: Schlatt et al., "Rank-DistiLLM: Closing the Effectiveness Gap Between Cross-Encoders
+    and LLMs for Passage Re-ranking", ECIR 2025.
+    """
+
+    targets_kind = "teacher"
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        self.temperature = temperature
+
+    def compute(self, scores: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+        real = mask[:, :, None] & mask[:, None, :]
+        eye = torch.eye(scores.shape[1], dtype=torch.bool, device=scores.device)[None]
+        soft = torch.sigmoid(-score_differences(scores) / self.temperature)  # σ((s_j − s_i)/T) at (i, j)
+        approx = 1.0 + (soft * (real & ~eye)).sum(dim=2)
+        ranks = teacher_ranks(targets, mask)
+        return masked_mean((ranks - approx) ** 2 / torch.log2(ranks + 1.0), mask)

@@ -3,6 +3,11 @@
 Positives are the candidates judged relevant (label > 0); negatives are the candidates not judged
 relevant, drawn without replacement. Sampling is seeded per epoch, so an epoch's groups are the
 same however often (and from wherever) it is replayed, which is what exact resume relies on.
+
+With teacher scores (distillation) the targets are the teacher's scores, every query with at
+least two candidates is used, and a group is a judged positive (when there is one) plus other
+candidates drawn at random (``negatives="random"``), or the teacher's top ``group_size``
+(``negatives="top"``, as in Rank-DistiLLM).
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ class SamplingReport:
         if self.no_positive:
             parts.append(f"{self.no_positive} skipped: no judged-relevant document among their candidates")
         if self.short_groups:
-            parts.append(f"{self.short_groups} have fewer negatives than group_size - 1 (smaller groups)")
+            parts.append(f"{self.short_groups} have fewer candidates than group_size (smaller groups)")
         if self.qrels_for_unknown_queries:
             parts.append(f"{self.qrels_for_unknown_queries} qrels queries have no candidates")
         return "; ".join(parts)
@@ -70,6 +75,8 @@ class GroupSampler:
             (the highest-ranked of them).
         seed: Seed of the per-epoch sampling.
         text_field: Column holding the document text.
+        teacher_scores: Teacher scores aligned with the candidate rows (distillation); the
+            targets are then these scores, and qrels are optional.
     """
 
     def __init__(
@@ -81,6 +88,7 @@ class GroupSampler:
         negatives: str = "random",
         seed: int = 0,
         text_field: str = "text",
+        teacher_scores: Optional[np.ndarray] = None,
     ):
         if group_size < 2:
             raise ValueError(f"group_size={group_size}: a group needs a positive and at least one negative.")
@@ -91,6 +99,11 @@ class GroupSampler:
         self.seed = seed
         self.text_field = text_field
         self.report = SamplingReport()
+        self._teacher = None if teacher_scores is None else np.asarray(teacher_scores, dtype=np.float32)
+        if self._teacher is not None and len(self._teacher) != len(candidates):
+            raise ValueError(f"{len(self._teacher)} teacher scores for {len(candidates)} candidates.")
+        if qrels is None:
+            qrels = pd.DataFrame({"qid": pd.Series(dtype=str), "docno": pd.Series(dtype=str), "label": pd.Series(dtype=int)})
         self._docnos = candidates["docno"].astype(str).to_numpy()
         self._texts = candidates[text_field].astype(str).to_numpy()
         self._queries = self._index(candidates, qrels)
@@ -117,13 +130,14 @@ class GroupSampler:
             positive = rows["_label"].to_numpy() > 0
             in_candidates = int(positive.sum())
             self.report.positives_not_in_candidates += int(relevant_judged.get(qid, 0)) - in_candidates
-            if not positive.any():
+            distilling = self._teacher is not None
+            if not positive.any() and not distilling:
                 self.report.no_positive += 1
                 continue
             negatives = rows["_row"].to_numpy()[~positive]
-            if len(negatives) < self.group_size - 1:
+            if (len(rows) if distilling else len(negatives) + 1) < self.group_size:
                 self.report.short_groups += 1
-            if len(negatives) == 0:
+            if len(negatives) == 0 or len(rows) < 2:
                 self.report.no_positive += 1  # nothing to contrast the positive with
                 continue
             queries.append(_Query(
@@ -136,7 +150,8 @@ class GroupSampler:
         self.report.used = len(queries)
         if not queries:
             raise ValueError(
-                f"No training query has a judged-relevant document among its candidates ({self.report}). "
+                f"No usable training query ({self.report}): each needs a judged-relevant document and another "
+                f"candidate (or, when distilling, two candidates). "
                 f"Check that train and train_qrels share qids and docnos, or retrieve deeper candidates."
             )
         return queries
@@ -152,6 +167,8 @@ class GroupSampler:
         return [self._group(self._queries[i], rng) for i in order]
 
     def _group(self, q: _Query, rng: np.random.Generator) -> Group:
+        if self._teacher is not None:
+            return self._distillation_group(q, rng)
         pick = rng.integers(len(q.positives))
         k = min(self.group_size - 1, len(q.negatives))
         if self.negatives == "top":
@@ -161,3 +178,17 @@ class GroupSampler:
         rows = np.concatenate([[q.positives[pick]], negatives])
         targets = [float(q.positive_labels[pick])] + [0.0] * k
         return Group(q.qid, q.query, self._docnos[rows].tolist(), self._texts[rows].tolist(), targets)
+
+    def _distillation_group(self, q: _Query, rng: np.random.Generator) -> Group:
+        everything = np.concatenate([q.positives, q.negatives])
+        if self.negatives == "top":
+            rows = everything[np.argsort(-self._teacher[everything], kind="stable")[: self.group_size]]
+        elif len(q.positives):
+            first = q.positives[rng.integers(len(q.positives))]
+            others = everything[everything != first]
+            k = min(self.group_size - 1, len(others))
+            rows = np.concatenate([[first], others[rng.choice(len(others), size=k, replace=False)]])
+        else:
+            rows = everything[rng.choice(len(everything), size=min(self.group_size, len(everything)), replace=False)]
+        return Group(q.qid, q.query, self._docnos[rows].tolist(), self._texts[rows].tolist(),
+                     self._teacher[rows].astype(float).tolist())

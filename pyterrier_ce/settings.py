@@ -48,6 +48,10 @@ class TrainingSettings:
         first_stage: A pipeline giving candidates (with text) for topics, used when ``train``
             or ``valid`` are topics without ``docno``.
         log_file: Where to append the JSONL training log (default ``checkpoint_dir/log.jsonl``).
+        teacher: For distillation objectives: a pipeline that scores the candidates, a run
+            (frame or TREC file, scores or ranks), a list of those, or a ``teachers.Ensemble``.
+        teacher_cache: Folder caching a pipeline teacher's scores (default
+            ``$PYTERRIER_CE_CACHE/teachers``, else ``~/.cache/pyterrier-ce/teachers``); ``False``: none.
     """
 
     objective: Union[str, nn.Module] = "infonce"
@@ -74,6 +78,8 @@ class TrainingSettings:
     resume: bool = False
     first_stage: Any = None
     log_file: Optional[str] = None
+    teacher: Any = None
+    teacher_cache: Any = None
 
     @classmethod
     def names(cls) -> list[str]:
@@ -101,3 +107,10 @@ class TrainingSettings:
             raise ValueError(f"warmup must be >= 0, not {self.warmup}.")
         if (self.resume or self.checkpoint_every) and not self.checkpoint_dir:
             raise ValueError("resume and checkpoint_every need a checkpoint_dir.")
+
+
+def default_cache_dir() -> str:
+    import os
+
+    root = os.environ.get("PYTERRIER_CE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "pyterrier-ce"))
+    return os.path.join(root, "teachers")

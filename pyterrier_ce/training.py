@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 from transformers import get_linear_schedule_with_warmup
 
-from . import objectives, scoring
+from . import scoring
 from .allocator import keep_freed_memory
 from .history import TrainingLog
 from .sampling import Group, GroupSampler
@@ -89,14 +89,14 @@ def collate(groups: List[Group], tokenizer, max_length: int, token_types: bool):
 class Trainer:
     """Runs one ``fit``: built by :meth:`CrossEncoder.fit`, not usually by users."""
 
-    def __init__(self, ce, settings: TrainingSettings, sampler: GroupSampler,
+    def __init__(self, ce, settings: TrainingSettings, sampler: GroupSampler, objective: torch.nn.Module,
                  valid: Optional[pd.DataFrame] = None, valid_qrels: Optional[pd.DataFrame] = None):
         self.ce = ce
         self.s = settings
         self.sampler = sampler
         self.valid = valid
         self.valid_qrels = valid_qrels
-        self.objective = objectives.get(settings.objective, **settings.objective_params)
+        self.objective = objective
         self.measure = ir_measures.parse_measure(settings.eval_metric)
         keep_freed_memory()
         dtype = scoring.resolve_precision(settings.precision or ce.precision, ce.device, training=True)

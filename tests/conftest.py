@@ -41,7 +41,8 @@ def tiny_tokenizer(tmp_path_factory) -> transformers.PreTrainedTokenizerBase:
 
 def tiny_config(family: str, vocab_size: int, **overrides) -> transformers.PretrainedConfig:
     """A 2-layer, 32-wide encoder config of the given family."""
-    common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    layers = overrides.pop("num_hidden_layers", 2)
+    common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
                   intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
     if family == "bert":
         config = transformers.BertConfig(**common)
@@ -54,7 +55,7 @@ def tiny_config(family: str, vocab_size: int, **overrides) -> transformers.Pretr
                                               position_buckets=16, pos_att_type=["p2c", "c2p"])
     elif family == "modernbert":
         config = transformers.ModernBertConfig(
-            vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            vocab_size=vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
             intermediate_size=64, max_position_embeddings=128, pad_token_id=0, cls_token_id=2,
             sep_token_id=3, bos_token_id=2, eos_token_id=3, global_attn_every_n_layers=1,
             local_attention=16,

@@ -61,7 +61,7 @@ def test_short_groups(candidates, qrels):
 
 
 def test_errors(candidates, qrels):
-    with pytest.raises(ValueError, match="No training query has a judged-relevant document"):
+    with pytest.raises(ValueError, match="No usable training query"):
         GroupSampler(candidates, qrels[qrels.qid == "b"])
     with pytest.raises(ValueError, match="negatives="):
         GroupSampler(candidates, qrels, negatives="hard")

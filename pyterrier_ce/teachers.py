@@ -1,0 +1,172 @@
+"""Teachers for distillation: a pipeline, a run (scores or ranks), or an ensemble of them.
+
+A teacher gives one score per training candidate (higher is better). ``as_teacher`` turns what
+the user passed to ``fit(teacher=...)`` into one.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import pyterrier as pt
+
+NORMALISATIONS = ("zscore", "minmax", None)
+
+
+class Teacher:
+    """Base class: ``scores(candidates)`` returns an array aligned with the candidate rows."""
+
+    name = "teacher"
+
+    def scores(self, candidates: pd.DataFrame) -> np.ndarray:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _align(candidates: pd.DataFrame, scored: pd.DataFrame, teacher: Teacher) -> np.ndarray:
+    """Looks up ``scored``'s (qid, docno) -> score for each candidate; refuses gaps and NaN."""
+    keys = pd.MultiIndex.from_arrays([candidates["qid"].astype(str), candidates["docno"].astype(str)])
+    table = scored.assign(qid=scored["qid"].astype(str), docno=scored["docno"].astype(str))
+    table = table.drop_duplicates(["qid", "docno"], keep="first").set_index(["qid", "docno"])["score"]
+    values = table.reindex(keys).to_numpy(dtype=np.float64)
+    missing = np.isnan(values) & ~keys.isin(table.index)
+    if missing.any():
+        sample = [f"{q}/{d}" for q, d in keys[missing][:3]]
+        raise ValueError(
+            f"Teacher {teacher!r} has no score for {int(missing.sum())} of {len(keys)} training candidates "
+            f"(qid/docno e.g. {sample}): give a teacher run that covers the candidates, or train on the teacher's "
+            f"candidates."
+        )
+    bad = ~np.isfinite(values)
+    if bad.any():
+        sample = [f"{q}/{d}" for q, d in keys[bad][:3]]
+        raise ValueError(f"Teacher {teacher!r} gave {int(bad.sum())} NaN or infinite scores (e.g. {sample}); refusing to train on them.")
+    return values
+
+
+class PipelineTeacher(Teacher):
+    """Any ``pt.Transformer`` or pipeline that scores a candidate frame (e.g. a larger CrossEncoder).
+
+    Its scores are cached on disk with pyterrier-caching (keyed by query and docno under a folder
+    named after the teacher's identity), so repeated runs score each candidate once.
+
+    Args:
+        transformer: The scorer; it receives the training candidates (qid, query, docno, text).
+        cache_dir: Parent folder of the score caches (``None``: no cache).
+    """
+
+    def __init__(self, transformer: pt.Transformer, cache_dir: Optional[Union[str, os.PathLike]] = None):
+        self.transformer = transformer
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.name = repr(transformer)
+
+    def cache_path(self) -> Optional[Path]:
+        if self.cache_dir is None:
+            return None
+        return self.cache_dir / hashlib.sha1(self.name.encode()).hexdigest()[:16]
+
+    def scores(self, candidates: pd.DataFrame) -> np.ndarray:
+        scorer = self.transformer
+        path = self.cache_path()
+        if path is not None:
+            from pyterrier_caching import ScorerCache
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            (path.parent / f"{path.name}.txt").write_text(self.name)  # which teacher a folder holds
+            scorer = ScorerCache(str(path), self.transformer)
+        return _align(candidates, scorer(candidates), self)
+
+
+class RunTeacher(Teacher):
+    """A run: a result frame or TREC run file with ``score``, or only ``rank``.
+
+    Ranks become scores ``depth − rank`` (``depth`` = the query's list length, ranks 0-based), so
+    the top document scores highest; rank objectives (``distill_ranknet``, ``adr_mse``) only use
+    their order.
+
+    Args:
+        run: A frame (qid, docno, score and/or rank) or a TREC run file path.
+        use_ranks: Ignore the scores and use the ranks (for rankers, such as LLM listwise
+            rankers, whose run scores are not calibrated).
+    """
+
+    def __init__(self, run: Union[pd.DataFrame, str, os.PathLike], *, use_ranks: bool = False):
+        if isinstance(run, (str, os.PathLike)):
+            self.name = f"RunTeacher({os.fspath(run)!r})"
+            run = pt.io.read_results(os.fspath(run))
+        else:
+            self.name = f"RunTeacher(<frame of {len(run)} rows>)"
+        missing = {"qid", "docno"} - set(run.columns)
+        if missing:
+            raise ValueError(f"A teacher run needs qid and docno columns; missing {sorted(missing)}.")
+        if use_ranks or "score" not in run.columns:
+            if "rank" not in run.columns:
+                raise ValueError("A teacher run needs a score or a rank column.")
+            depth = run.groupby("qid")["rank"].transform("size")
+            run = run.assign(score=(depth - run["rank"]).astype(np.float64))
+        self.run = run[["qid", "docno", "score"]]
+
+    def scores(self, candidates: pd.DataFrame) -> np.ndarray:
+        return _align(candidates, self.run, self)
+
+
+class Ensemble(Teacher):
+    """The mean of several teachers' scores, each normalised per query first.
+
+    Args:
+        teachers: Teachers, or anything :func:`as_teacher` accepts.
+        normalize: ``"zscore"`` (default: zero mean, unit variance per query), ``"minmax"`` (to
+            [0, 1] per query) or ``None`` (raw scores; only for teachers on one scale).
+        weights: Optional weight of each teacher (default: equal).
+
+    Paper: Hofstätter et al. 2020 average the scores of an ensemble of cross-encoder teachers.
+    """
+
+    def __init__(self, teachers: Sequence, normalize: Optional[str] = "zscore", weights: Optional[Sequence[float]] = None):
+        if normalize not in NORMALISATIONS:
+            raise ValueError(f"normalize={normalize!r} is not one of {NORMALISATIONS}.")
+        if not teachers:
+            raise ValueError("An ensemble needs at least one teacher.")
+        self.teachers: List[Teacher] = [as_teacher(t) for t in teachers]
+        self.normalize = normalize
+        self.weights = np.ones(len(self.teachers)) if weights is None else np.asarray(weights, dtype=np.float64)
+        if len(self.weights) != len(self.teachers):
+            raise ValueError(f"{len(self.weights)} weights for {len(self.teachers)} teachers.")
+        self.name = f"Ensemble({self.teachers!r}, normalize={normalize!r})"
+
+    def scores(self, candidates: pd.DataFrame) -> np.ndarray:
+        qids = candidates["qid"].astype(str).to_numpy()
+        columns = [self._normalised(t.scores(candidates), qids) for t in self.teachers]
+        return np.average(np.stack(columns), axis=0, weights=self.weights)
+
+    def _normalised(self, scores: np.ndarray, qids: np.ndarray) -> np.ndarray:
+        if self.normalize is None:
+            return scores
+        grouped = pd.Series(scores).groupby(qids)
+        if self.normalize == "zscore":
+            std = grouped.transform("std", ddof=0).to_numpy()
+            return (scores - grouped.transform("mean").to_numpy()) / np.where(std > 0, std, 1.0)
+        low, high = grouped.transform("min").to_numpy(), grouped.transform("max").to_numpy()
+        return (scores - low) / np.where(high > low, high - low, 1.0)
+
+
+def as_teacher(teacher, cache_dir: Optional[Union[str, os.PathLike]] = None) -> Teacher:
+    """A :class:`Teacher` from a teacher, a pipeline, a run frame or file, or a list (an ensemble)."""
+    if isinstance(teacher, Teacher):
+        return teacher
+    if isinstance(teacher, pt.Transformer):
+        return PipelineTeacher(teacher, cache_dir=cache_dir)
+    if isinstance(teacher, (pd.DataFrame, str, os.PathLike)):
+        return RunTeacher(teacher)
+    if isinstance(teacher, (list, tuple)):
+        return Ensemble([as_teacher(t, cache_dir) for t in teacher])
+    raise TypeError(
+        f"A teacher is a pt.Transformer or pipeline, a run (frame or TREC file), a list of those or a "
+        f"pyterrier_ce.teachers.Ensemble; not {type(teacher).__name__}."
+    )
