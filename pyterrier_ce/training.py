@@ -70,20 +70,23 @@ def param_groups(model: torch.nn.Module, s: TrainingSettings) -> List[Dict[str, 
     return list(groups.values())
 
 
-def collate(groups: List[Group], tokenizer, max_length: int, token_types: bool):
-    """Tokenises the real pairs of ``groups``; returns model inputs, targets, mask and positions."""
+# Pairs per forward pass in training: a micro-batch's pairs are run in length-sorted chunks of
+# this size, each padded only to its own longest pair, then put back in group order for the loss.
+FORWARD_CHUNK = 32
+
+
+def collate(groups: List[Group], tokenizer, max_length: int):
+    """Tokenises the real pairs of ``groups`` (unpadded); returns them with targets and mask."""
     width = max(len(g.texts) for g in groups)
     queries = [g.query for g in groups for _ in g.texts]
     texts = [t for g in groups for t in g.texts]
     encoded = scoring.tokenize_pairs(tokenizer, queries, texts, max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    inputs = scoring.pad_batch(encoded, np.arange(len(texts)), pad_id, token_types)
     targets = torch.zeros(len(groups), width)
     mask = torch.zeros(len(groups), width, dtype=torch.bool)
     for i, g in enumerate(groups):
         targets[i, : len(g.targets)] = torch.tensor(g.targets)
         mask[i, : len(g.texts)] = True
-    return inputs, targets, mask
+    return encoded, targets, mask
 
 
 class Trainer:
@@ -192,13 +195,12 @@ class Trainer:
         micro = [mine[i:i + s.train_batch_size] for i in range(0, len(mine), s.train_batch_size)]
         total = 0.0
         for i, groups in enumerate(micro):
-            inputs, targets, mask = collate(groups, self.ce.tokenizer, self.ce.max_length, self.token_types)
-            inputs = {k: v.to(acc.device) for k, v in inputs.items()}
+            encoded, targets, mask = collate(groups, self.ce.tokenizer, self.ce.max_length)
             targets, mask = targets.to(acc.device), mask.to(acc.device)
             sync = i == len(micro) - 1
             context = acc.no_sync(self.model) if not sync else _nullcontext()
             with context, acc.autocast():
-                logits = self.model(**inputs).logits[:, 0]
+                logits = self._pair_logits(encoded)
                 scores = torch.zeros(mask.shape, device=acc.device, dtype=logits.dtype).masked_scatter(mask, logits)
                 loss = self.objective(scores, targets, mask) / len(micro)
             if not torch.isfinite(loss):
@@ -215,6 +217,21 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total
+
+    def _pair_logits(self, encoded) -> torch.Tensor:
+        """Logits of all pairs of a micro-batch, in input order, from length-sorted chunks."""
+        lengths = np.fromiter((len(x) for x in encoded["input_ids"]), dtype=np.int64)
+        # DDP expects one forward per backward: one chunk when training on several processes.
+        chunk = FORWARD_CHUNK if self.world == 1 else len(lengths)
+        pad_id = self.ce.tokenizer.pad_token_id if self.ce.tokenizer.pad_token_id is not None else 0
+        parts, order = [], []
+        for rows in scoring.length_sorted_batches(lengths, chunk):
+            batch = scoring.pad_batch(encoded, rows, pad_id, self.token_types)
+            parts.append(self.model(**{k: v.to(self.accelerator.device) for k, v in batch.items()}).logits[:, 0])
+            order.append(rows)
+        inverse = np.empty(len(lengths), dtype=np.int64)
+        inverse[np.concatenate(order)] = np.arange(len(lengths))
+        return torch.cat(parts)[torch.from_numpy(inverse).to(self.accelerator.device)]
 
     # -- validation -------------------------------------------------------------------------
 

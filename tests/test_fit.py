@@ -208,13 +208,17 @@ def test_gradient_accumulation_matches_a_big_batch(tmp_path, tiny_tokenizer, tas
     config = tiny_config("bert", len(tiny_tokenizer), num_labels=1, hidden_dropout_prob=0.0,
                          attention_probs_dropout_prob=0.0)
     folder = save_tiny(tmp_path, tiny_tokenizer, transformers.BertForSequenceClassification(config))
-    big = CrossEncoder(str(folder), max_length=32, group_size=4, train_batch_size=8, max_steps=3, lr=1e-3)
+    big = CrossEncoder(str(folder), max_length=32, group_size=4, train_batch_size=8, max_steps=3, lr=1e-3,
+                       precision="fp32")
     small = CrossEncoder(str(folder), max_length=32, group_size=4, train_batch_size=2, grad_accum_steps=4,
-                         max_steps=3, lr=1e-3)
+                         max_steps=3, lr=1e-3, precision="fp32")
     big.fit(candidates, qrels)
     small.fit(candidates, qrels)
+    # the same groups per step, the same loss (the mean over micro-batches), the same updates up to
+    # float noise (which Adam amplifies on near-zero gradients)
+    np.testing.assert_allclose(big.history.frame("step")["loss"], small.history.frame("step")["loss"], rtol=1e-5)
     for (name, a), b in zip(big.model.state_dict().items(), small.model.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+        assert (a - b).abs().max().item() < 3e-4, name
 
 
 def test_non_finite_loss_stops_with_the_step_named(tiny_model_dir, task, tmp_path):
