@@ -33,6 +33,7 @@ class TrainingSettings:
             (``None``: off).
         warmup: Linear warmup, as a fraction of the steps (< 1) or a number of steps (>= 1).
         weight_decay: AdamW weight decay (not applied to biases and LayerNorm weights).
+        dropout: Dropout probability while training (``None``: the model's own, e.g. 0.1).
         max_grad_norm: Gradient-norm clipping (``None``: off).
         precision: ``"auto"`` (bf16 on GPU, fp32 on CPU), ``"fp32"``, ``"bf16"`` or ``"fp16"``;
             ``None`` takes the CrossEncoder's own.
@@ -67,6 +68,7 @@ class TrainingSettings:
     layer_decay: Optional[float] = None
     warmup: float = 0.1
     weight_decay: float = 0.01
+    dropout: Optional[float] = None
     max_grad_norm: Optional[float] = 1.0
     precision: Optional[str] = None
     seed: int = 42

@@ -128,6 +128,11 @@ class Trainer:
         torch.manual_seed(self.s.seed)
         model = self.ce.model
         model.train()
+        # the model's own dropout comes back after training
+        self._dropouts = [(m, m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+        if self.s.dropout is not None:
+            for module, _ in self._dropouts:
+                module.p = self.s.dropout
         self.optimizer = torch.optim.AdamW(param_groups(model, self.s), lr=self.s.lr)
         warmup = self.s.warmup if self.s.warmup >= 1 else self.s.warmup * self.total_steps
         # The scheduler steps once per optimiser step, on every process: not handed to Accelerate.
@@ -175,6 +180,8 @@ class Trainer:
                 if stop or done:
                     break
         progress.close()
+        for module, p in self._dropouts:
+            module.p = p
         if self.checkpoint_dir and not self.s.checkpoint_every and self.valid is None:
             self._save_checkpoint()
         self.ce.model = acc.unwrap_model(self.model, keep_fp32_wrapper=False)
