@@ -6,6 +6,7 @@ constructor; keywords given to ``fit`` override those for that call.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Union
 
@@ -26,8 +27,10 @@ class TrainingSettings:
         grad_accum_steps: Forward passes accumulated per optimiser step.
         epochs: Passes over the training queries (ignored once ``max_steps`` is reached).
         max_steps: Optimiser steps to stop after (``None``: all epochs).
-        lr: Peak learning rate of AdamW.
-        head_lr: Peak learning rate of the new classification head and its pooler (``None``: ``lr``).
+        lr: Peak learning rate of AdamW, or ``"auto"``: 2e-4 for runs of up to 500 optimiser
+            steps, 2e-5 from 10,000 steps on, log-linear in between (see :func:`auto_lr`).
+        head_lr: Peak learning rate of the classification head and its pooler, which start
+            untrained for ranking: ``"auto"`` is 10 × lr; ``None`` is lr.
         layer_decay: Layer-wise learning-rate decay: encoder layer i (of L) learns at
             ``lr * layer_decay ** (L + 1 - (i + 1))``, embeddings at ``lr * layer_decay ** (L + 1)``
             (``None``: off).
@@ -63,8 +66,8 @@ class TrainingSettings:
     grad_accum_steps: int = 1
     epochs: int = 1
     max_steps: Optional[int] = None
-    lr: float = 1e-4
-    head_lr: Optional[float] = None
+    lr: Union[float, str] = "auto"
+    head_lr: Union[float, str, None] = "auto"
     layer_decay: Optional[float] = None
     warmup: float = 0.1
     weight_decay: float = 0.01
@@ -103,12 +106,42 @@ class TrainingSettings:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}.")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1 (or None), not {self.max_steps}.")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, not {self.lr}.")
+        for name in ("lr", "head_lr"):
+            value = getattr(self, name)
+            if value == "auto" or (name == "head_lr" and value is None):
+                continue
+            if isinstance(value, str) or value <= 0:
+                raise ValueError(f"{name} must be a positive number or 'auto', not {value!r}.")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, not {self.warmup}.")
         if (self.resume or self.checkpoint_every) and not self.checkpoint_dir:
             raise ValueError("resume and checkpoint_every need a checkpoint_dir.")
+
+
+def auto_lr(total_steps: int) -> float:
+    """The learning rate ``lr="auto"`` picks for a run of ``total_steps`` optimiser steps.
+
+    Short runs need a high rate to move a pretrained encoder and its new head in a few hundred
+    steps (on 2 CPU cores, 3e-5 left all-MiniLM-L6-v2 below BM25 after 1,500 SQuAD questions;
+    2e-4 did not); long runs keep the usual fine-tuning rate of cross-encoders (2e-5).
+    """
+    low_steps, high_steps, high_lr, low_lr = 500, 10_000, 2e-4, 2e-5
+    if total_steps <= low_steps:
+        return high_lr
+    if total_steps >= high_steps:
+        return low_lr
+    frac = (math.log(total_steps) - math.log(low_steps)) / (math.log(high_steps) - math.log(low_steps))
+    return math.exp(math.log(high_lr) + frac * (math.log(low_lr) - math.log(high_lr)))
+
+
+def resolve_lrs(settings: "TrainingSettings", total_steps: int) -> tuple:
+    """(lr, head_lr) as numbers for a run of ``total_steps``."""
+    lr = auto_lr(total_steps) if settings.lr == "auto" else float(settings.lr)
+    if settings.head_lr == "auto":
+        head = 10 * lr
+    else:
+        head = lr if settings.head_lr is None else float(settings.head_lr)
+    return lr, head
 
 
 def default_cache_dir() -> str:

@@ -27,7 +27,7 @@ from . import scoring
 from .allocator import keep_freed_memory
 from .history import TrainingLog
 from .sampling import Group, GroupSampler
-from .settings import TrainingSettings
+from .settings import TrainingSettings, resolve_lrs
 
 _MIXED = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -51,7 +51,7 @@ def _is_head(name: str, model: torch.nn.Module) -> bool:
     return not name.startswith(model.base_model_prefix + ".") or ".pooler." in name
 
 
-def param_groups(model: torch.nn.Module, s: TrainingSettings) -> List[Dict[str, Any]]:
+def param_groups(model: torch.nn.Module, s: TrainingSettings, lr: float, head_lr: float) -> List[Dict[str, Any]]:
     """AdamW groups: no decay for biases and norms; ``head_lr`` for the head; ``layer_decay``
     scales the learning rate of encoder layer i by decay^(layers + 1 - depth)."""
     num_layers = getattr(model.config, "num_hidden_layers", 0)
@@ -61,12 +61,12 @@ def param_groups(model: torch.nn.Module, s: TrainingSettings) -> List[Dict[str, 
             continue
         decay = 0.0 if param.ndim < 2 or "norm" in name.lower() else s.weight_decay
         if _is_head(name, model):
-            lr = s.head_lr or s.lr
+            rate = head_lr
         elif s.layer_decay:
-            lr = s.lr * s.layer_decay ** (num_layers + 1 - _depth(name, num_layers))
+            rate = lr * s.layer_decay ** (num_layers + 1 - _depth(name, num_layers))
         else:
-            lr = s.lr
-        groups.setdefault((lr, decay), {"params": [], "lr": lr, "weight_decay": decay})["params"].append(param)
+            rate = lr
+        groups.setdefault((rate, decay), {"params": [], "lr": rate, "weight_decay": decay})["params"].append(param)
     return list(groups.values())
 
 
@@ -133,7 +133,8 @@ class Trainer:
         if self.s.dropout is not None:
             for module, _ in self._dropouts:
                 module.p = self.s.dropout
-        self.optimizer = torch.optim.AdamW(param_groups(model, self.s), lr=self.s.lr)
+        self.lr, self.head_lr = resolve_lrs(self.s, self.total_steps)
+        self.optimizer = torch.optim.AdamW(param_groups(model, self.s, self.lr, self.head_lr), lr=self.lr)
         warmup = self.s.warmup if self.s.warmup >= 1 else self.s.warmup * self.total_steps
         # The scheduler steps once per optimiser step, on every process: not handed to Accelerate.
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(round(warmup)), self.total_steps)
@@ -151,7 +152,7 @@ class Trainer:
                            disable=not (self.ce.verbose and acc.is_main_process))
         if acc.is_main_process and self.step == 0:
             self.log.write(event="start", sampling=str(self.sampler.report), total_steps=self.total_steps,
-                           groups_per_step=self.groups_per_step, objective=getattr(self.objective, "name", "") or
+                           groups_per_step=self.groups_per_step, lr=self.lr, head_lr=self.head_lr, objective=getattr(self.objective, "name", "") or
                            type(self.objective).__name__, eval_depth=self._eval_depth())
         started = time.perf_counter()
         stop = False
@@ -163,7 +164,8 @@ class Trainer:
                 batch = groups[first:first + self.groups_per_step]
                 loss = self._optimiser_step(batch)
                 self.step += 1
-                lr = self.scheduler.get_last_lr()[0]
+                # the encoder's scheduled rate (groups differ only by a constant factor)
+                lr = self.lr * self.scheduler.get_last_lr()[0] / self.scheduler.base_lrs[0]
                 self.log.write(event="step", step=self.step, epoch=epoch, loss=loss, lr=lr,
                                groups=self.step * self.groups_per_step,
                                elapsed_s=round(time.perf_counter() - started, 3))

@@ -208,10 +208,10 @@ def test_gradient_accumulation_matches_a_big_batch(tmp_path, tiny_tokenizer, tas
     config = tiny_config("bert", len(tiny_tokenizer), num_labels=1, hidden_dropout_prob=0.0,
                          attention_probs_dropout_prob=0.0)
     folder = save_tiny(tmp_path, tiny_tokenizer, transformers.BertForSequenceClassification(config))
-    big = CrossEncoder(str(folder), max_length=32, group_size=4, train_batch_size=8, max_steps=3, lr=1e-3,
+    big = CrossEncoder(str(folder), max_length=32, group_size=4, train_batch_size=8, max_steps=3, lr=1e-3, head_lr=None,
                        precision="fp32")
     small = CrossEncoder(str(folder), max_length=32, group_size=4, train_batch_size=2, grad_accum_steps=4,
-                         max_steps=3, lr=1e-3, precision="fp32")
+                         max_steps=3, lr=1e-3, head_lr=None, precision="fp32")
     big.fit(candidates, qrels)
     small.fit(candidates, qrels)
     # the same groups per step, the same loss (the mean over micro-batches), the same updates up to
@@ -248,3 +248,38 @@ def test_plot_training_log(tiny_model_dir, task, tmp_path):
     assert len(ax.lines) == 1 and ax.lines[0].get_xdata().tolist() == [1, 2, 3, 4]
     ax.figure.savefig(tmp_path / "loss.png")
     assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_auto_learning_rates(tiny_model_dir, task):
+    from pyterrier_ce.settings import TrainingSettings, auto_lr, resolve_lrs
+
+    assert auto_lr(100) == pytest.approx(2e-4) and auto_lr(20_000) == pytest.approx(2e-5)
+    assert auto_lr(400) > auto_lr(1_000) > auto_lr(5_000) > auto_lr(10_000)
+    assert resolve_lrs(TrainingSettings(), 100) == pytest.approx((2e-4, 2e-3))
+    assert resolve_lrs(TrainingSettings(lr=1e-5, head_lr=None), 100) == (1e-5, 1e-5)
+    candidates, qrels = task
+    ce = CrossEncoder(str(tiny_model_dir), max_length=32, max_steps=2)
+    ce.fit(candidates, qrels)
+    start = ce.history.frame("start").iloc[0]
+    assert (start["lr"], start["head_lr"]) == pytest.approx((2e-4, 2e-3))
+    with pytest.raises(ValueError, match="lr must be a positive number or 'auto'"):
+        CrossEncoder(str(tiny_model_dir), lr="fast")
+
+
+def test_param_groups(tiny_model_dir):
+    from pyterrier_ce.settings import TrainingSettings
+    from pyterrier_ce.training import param_groups
+
+    model = CrossEncoder(str(tiny_model_dir)).model
+    groups = param_groups(model, TrainingSettings(layer_decay=0.5), lr=1e-4, head_lr=1e-2)
+    rate = {id(p): g["lr"] for g in groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert rate[id(named["classifier.weight"])] == rate[id(named["bert.pooler.dense.weight"])] == 1e-2
+    assert rate[id(named["bert.encoder.layer.1.output.dense.weight"])] == pytest.approx(1e-4 * 0.5)
+    assert rate[id(named["bert.encoder.layer.0.output.dense.weight"])] == pytest.approx(1e-4 * 0.25)
+    assert rate[id(named["bert.embeddings.word_embeddings.weight"])] == pytest.approx(1e-4 * 0.125)
+    assert decay[id(named["bert.encoder.layer.0.output.LayerNorm.weight"])] == 0.0
+    assert decay[id(named["bert.encoder.layer.0.output.dense.bias"])] == 0.0
+    assert decay[id(named["bert.encoder.layer.0.output.dense.weight"])] == 0.01
+    assert sum(len(g["params"]) for g in groups) == len(named)
