@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--train-depth", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=None)
     parser.add_argument("--dev-queries", type=int, default=400)
+    parser.add_argument("--eval-lengths", default="", help="also score dev at these max_length values, e.g. 256")
     parser.add_argument("--final", action="store_true", help="evaluate on SQuAD test + TREC DL 2019 instead of dev")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "budget"))
@@ -64,6 +65,11 @@ def main() -> None:
                             baseline=0)
         row.update({"dev_bm25": round(float(res["nDCG@10"].iloc[0]), 4), "dev_ce": round(float(res["nDCG@10"].iloc[1]), 4),
                     "dev_p": float(res["nDCG@10 p-value"].iloc[1]), "eval_min": round((time.perf_counter() - t) / 60, 2)})
+        for length in filter(None, args.eval_lengths.split(",")):
+            ce.max_length = int(length)
+            res = pt.Experiment([first, first >> ce], dev, squad.get_qrels("dev"), [nDCG @ 10], baseline=0)
+            row[f"dev_ce@{length}"] = round(float(res["nDCG@10"].iloc[1]), 4)
+            row[f"dev_p@{length}"] = float(res["nDCG@10 p-value"].iloc[1])
     else:
         test = squad.get_topics("test").sample(n=300, random_state=args.seed)
         with quiet_native_output():

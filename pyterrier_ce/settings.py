@@ -37,6 +37,8 @@ class TrainingSettings:
         warmup: Linear warmup, as a fraction of the steps (< 1) or a number of steps (>= 1).
         weight_decay: AdamW weight decay (not applied to biases and LayerNorm weights).
         dropout: Dropout probability while training (``None``: the model's own, e.g. 0.1).
+        train_max_length: Token budget of a pair in training (``None``: the CrossEncoder's
+            ``max_length``); shorter than the scoring budget, it buys more training per minute.
         max_grad_norm: Gradient-norm clipping (``None``: off).
         precision: ``"auto"`` (bf16 on GPU, fp32 on CPU), ``"fp32"``, ``"bf16"`` or ``"fp16"``;
             ``None`` takes the CrossEncoder's own.
@@ -72,6 +74,7 @@ class TrainingSettings:
     warmup: float = 0.1
     weight_decay: float = 0.01
     dropout: Optional[float] = None
+    train_max_length: Optional[int] = None
     max_grad_norm: Optional[float] = 1.0
     precision: Optional[str] = None
     seed: int = 42

@@ -204,7 +204,7 @@ class Trainer:
         micro = [mine[i:i + s.train_batch_size] for i in range(0, len(mine), s.train_batch_size)]
         total = 0.0
         for i, groups in enumerate(micro):
-            encoded, targets, mask = collate(groups, self.ce.tokenizer, self.ce.max_length)
+            encoded, targets, mask = collate(groups, self.ce.tokenizer, s.train_max_length or self.ce.max_length)
             targets, mask = targets.to(acc.device), mask.to(acc.device)
             sync = i == len(micro) - 1
             context = acc.no_sync(self.model) if not sync else _nullcontext()
