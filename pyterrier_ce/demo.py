@@ -94,7 +94,8 @@ def run_demo(cfg: DemoConfig, save: Optional[Path] = None) -> Dict[str, pd.DataF
 
     print(f"[{time.perf_counter() - started:5.0f}s] BM25 (PISA) over {squad.name}'s corpus")
     train_bm25 = bm25_pipeline(squad, cfg.workdir, cfg.train_depth)
-    topics = squad.get_topics("train").sample(n=cfg.train_queries, random_state=cfg.seed)
+    topics = squad.get_topics("train")
+    topics = topics.sample(n=min(cfg.train_queries, len(topics)), random_state=cfg.seed)
     with quiet_native_output():
         candidates = train_bm25(topics)
     print(f"[{time.perf_counter() - started:5.0f}s] {len(topics)} training questions, "
@@ -110,7 +111,8 @@ def run_demo(cfg: DemoConfig, save: Optional[Path] = None) -> Dict[str, pd.DataF
 
     tables = {}
     test_bm25 = bm25_pipeline(squad, cfg.workdir, cfg.test_depth)
-    test_topics = squad.get_topics("test").sample(n=min(cfg.test_queries, 2000), random_state=cfg.seed)
+    test_topics = squad.get_topics("test")
+    test_topics = test_topics.sample(n=min(cfg.test_queries, len(test_topics)), random_state=cfg.seed)
     with quiet_native_output():
         squad_candidates = pt.Transformer.from_df(test_bm25(test_topics))
     tables["squad"] = experiment(squad_candidates, ce, test_topics, squad.get_qrels("test"),
@@ -119,7 +121,7 @@ def run_demo(cfg: DemoConfig, save: Optional[Path] = None) -> Dict[str, pd.DataF
     tables["trec_dl_2019"] = experiment(dl19_candidates, ce, dl19.get_topics("test"), dl19.get_qrels("test"),
                                         "BM25 top-100", [nDCG @ 10, RR(rel=2) @ 10])
     for name, table in tables.items():
-        print(f"\n{name}:\n{table.to_string(index=False)}")
+        print(f"\n{name}:\n{compact(table).to_string(index=False)}")
         if save:
             save.mkdir(parents=True, exist_ok=True)
             table.to_csv(save / f"{name}.csv", index=False)
@@ -128,6 +130,14 @@ def run_demo(cfg: DemoConfig, save: Optional[Path] = None) -> Dict[str, pd.DataF
         print(f"\nTables and the trained model saved in {save}")
     print(f"\nTotal time: {(time.perf_counter() - started) / 60:.1f} min")
     return tables
+
+
+def compact(table: pd.DataFrame) -> pd.DataFrame:
+    """The columns worth reading on a terminal: measures, wins/losses and corrected p-values."""
+    extras = (" +", " -", " p-value", " reject", " p-value corrected")
+    keep = [c for c in table.columns if not c.endswith(extras)]
+    keep += [c for c in table.columns if c.endswith((" +", " -", " p-value corrected"))]
+    return table[keep]
 
 
 def experiment(first: pt.Transformer, ce: CrossEncoder, topics, qrels, first_name: str, measures) -> pd.DataFrame:

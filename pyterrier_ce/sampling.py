@@ -38,6 +38,7 @@ class SamplingReport:
     queries: int = 0
     used: int = 0
     no_positive: int = 0
+    no_negative: int = 0
     short_groups: int = 0
     positives_not_in_candidates: int = 0
     qrels_for_unknown_queries: int = 0
@@ -46,6 +47,8 @@ class SamplingReport:
         parts = [f"{self.used} of {self.queries} training queries used"]
         if self.no_positive:
             parts.append(f"{self.no_positive} skipped: no judged-relevant document among their candidates")
+        if self.no_negative:
+            parts.append(f"{self.no_negative} skipped: no other candidate to contrast with")
         if self.short_groups:
             parts.append(f"{self.short_groups} have fewer candidates than group_size (smaller groups)")
         if self.qrels_for_unknown_queries:
@@ -135,11 +138,11 @@ class GroupSampler:
                 self.report.no_positive += 1
                 continue
             negatives = rows["_row"].to_numpy()[~positive]
+            if (len(rows) < 2) if distilling else (len(negatives) == 0):
+                self.report.no_negative += 1
+                continue
             if (len(rows) if distilling else len(negatives) + 1) < self.group_size:
                 self.report.short_groups += 1
-            if len(negatives) == 0 or len(rows) < 2:
-                self.report.no_positive += 1  # nothing to contrast the positive with
-                continue
             queries.append(_Query(
                 qid=qid,
                 query=str(rows["query"].iloc[0]),

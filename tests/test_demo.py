@@ -1,0 +1,55 @@
+"""The demo command, end to end on a toy dataset and a tiny model (the real run is by hand)."""
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pandas as pd
+
+from pyterrier_ce.cli import main
+
+
+def toy_collection(root, with_candidates: bool):
+    """12 queries, each a distinct word plus two common ones; 60 documents of common words, one
+    per query holding its word; train/test qrels; a candidate run for test."""
+    rng = np.random.default_rng(0)
+    root.mkdir()
+    common = ["city", "world", "school", "state", "king", "music", "film", "game", "team", "water", "light", "law"]
+    rare = ["cat", "dog", "physics", "computer", "memory", "war", "flea", "cycle", "river", "energy", "church", "season"]
+    docs = {f"d{i}": " ".join(rng.choice(common, 8)) for i in range(60)}
+    queries = {}
+    for q, word in enumerate(rare):
+        queries[str(q)] = f"{word} city world"
+        docs[f"d{q}"] += f" {word}"
+    with gzip.open(root / "corpus.jsonl.gz", "wt") as f:
+        for docno, text in docs.items():
+            f.write(json.dumps({"_id": docno, "title": "", "text": text}) + "\n")
+    with open(root / "queries.jsonl", "w") as f:
+        for qid, text in queries.items():
+            f.write(json.dumps({"_id": qid, "text": text}) + "\n")
+    (root / "qrels").mkdir()
+    for split, qids in (("train", range(8)), ("test", range(8, 12))):
+        (root / "qrels" / f"{split}.tsv").write_text(
+            "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\td{q}\t1\n" for q in qids))
+    if with_candidates:
+        (root / "candidates").mkdir()
+        lines = [f"{q} Q0 d{(q + k) % 60} {k} {-k} toy\n" for q in range(8, 12) for k in range(10)]
+        (root / "candidates" / "test.run").write_text("".join(lines))
+
+
+def test_demo_writes_one_table_per_dataset(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    toy_collection(data / "squad", with_candidates=False)
+    toy_collection(data / "trec_dl_2019", with_candidates=True)
+    main(["demo", "--data", str(data), "--model", str(tiny_model_dir), "--workdir", str(tmp_path / "work"),
+          "--save", str(tmp_path / "out"), "--train-queries", "8", "--test-queries", "4", "--max-length", "64"])
+    printed = capsys.readouterr().out
+    assert "8 of 8 training queries used" in printed
+    assert "squad:" in printed and "trec_dl_2019:" in printed and "Total time" in printed
+    for name in ("squad", "trec_dl_2019"):
+        table = pd.read_csv(tmp_path / "out" / f"{name}.csv")
+        assert len(table) == 2 and table["name"].iloc[1].endswith(">> CrossEncoder")
+        assert "nDCG@10 p-value" in table.columns
+    assert (tmp_path / "out" / "model" / "model.safetensors").exists()
