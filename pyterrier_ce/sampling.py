@@ -52,7 +52,7 @@ class SamplingReport:
         if self.short_groups:
             parts.append(f"{self.short_groups} have fewer candidates than group_size (smaller groups)")
         if self.qrels_for_unknown_queries:
-            parts.append(f"{self.qrels_for_unknown_queries} qrels queries have no candidates")
+            parts.append(f"qrels of {self.qrels_for_unknown_queries} queries without candidates unused")
         return "; ".join(parts)
 
 

@@ -62,9 +62,9 @@ class TrainingSettings:
 
     objective: Union[str, nn.Module] = "infonce"
     objective_params: Dict[str, Any] = field(default_factory=dict)
-    group_size: int = 8
+    group_size: int = 4
     negatives: str = "random"
-    train_batch_size: int = 8
+    train_batch_size: int = 16
     grad_accum_steps: int = 1
     epochs: int = 1
     max_steps: Optional[int] = None
