@@ -23,6 +23,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "sentence-transformers>=4", "pyterrier-caching", "matplotlib", "tabulate"],
+        "bench": ["sentence-transformers>=4", "datasets", "tabulate", "matplotlib"],
         "notebooks": ["jupyter", "nbconvert", "matplotlib", "tabulate", "sentence-transformers>=4"],
     },
     entry_points={"console_scripts": ["pyterrier-ce=pyterrier_ce.cli:main"]},
