@@ -21,6 +21,7 @@ import pandas as pd
 import pyterrier as pt
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from transformers import get_linear_schedule_with_warmup
 
 from . import scoring
@@ -103,6 +104,9 @@ class Trainer:
         self.measure = ir_measures.parse_measure(settings.eval_metric)
         keep_freed_memory()
         dtype = scoring.resolve_precision(settings.precision or ce.precision, ce.device, training=True)
+        # Accelerate keeps one process-wide state; a later fit with another precision (in the same
+        # notebook, say) must start from a fresh one. The process group itself is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(
             cpu=ce.device.type == "cpu",
             mixed_precision=_MIXED[dtype],

@@ -283,3 +283,11 @@ def test_param_groups(tiny_model_dir):
     assert decay[id(named["bert.encoder.layer.0.output.dense.bias"])] == 0.0
     assert decay[id(named["bert.encoder.layer.0.output.dense.weight"])] == 0.01
     assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+def test_fits_with_different_precisions_in_one_process(tiny_model_dir, task):
+    candidates, qrels = task
+    for precision in ("bf16", "fp32", "bf16"):
+        ce = make(tiny_model_dir, max_steps=1, precision=precision)
+        ce.fit(candidates, qrels)
+        assert len(ce.history.frame("step")) == 1
