@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -12,9 +11,10 @@ import pandas as pd
 import pyterrier as pt
 import torch
 import transformers
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from . import scoring
+from .atomic import replace_dir
 from .loading import ModelLike, keep_layers, load_model, load_tokenizer, student_layers
 from .settings import TrainingSettings
 
@@ -303,7 +303,7 @@ class CrossEncoder(pt.Estimator):
         self.model.save_pretrained(tmp, safe_serialization=True)
         self.tokenizer.model_max_length = self.max_length
         self.tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
 
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], **kwargs: Any) -> "CrossEncoder":
@@ -319,20 +319,3 @@ class CrossEncoder(pt.Estimator):
         for key, value in saved.items():
             kwargs.setdefault(key, value)
         return cls(path, **kwargs)
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Moves folder ``tmp`` to ``path``, replacing an existing folder there."""
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        _rmtree(old)
-    else:
-        os.replace(tmp, path)
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)

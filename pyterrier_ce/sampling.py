@@ -12,7 +12,7 @@ candidates drawn at random (``negatives="random"``), or the teacher's top ``grou
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import pandas as pd

@@ -80,6 +80,11 @@ def tokenize_pairs(
     ).data
 
 
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The tokenizer's padding id (0 for tokenizers that define none)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def uses_token_types(model: PreTrainedModel) -> bool:
     """Whether the model embeds segment ids (BERT, ELECTRA) or has none to give (RoBERTa, ModernBERT)."""
     return getattr(model.config, "type_vocab_size", 0) >= 2
@@ -155,7 +160,7 @@ def score_pairs(
         return scores
     device = device or next(model.parameters()).device
     dtype = resolve_precision(precision, device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     token_types = uses_token_types(model)
     was_training = model.training
     model.eval()

@@ -7,6 +7,7 @@ position.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from . import scoring
 from .allocator import keep_freed_memory
+from .atomic import replace_dir
 from .history import TrainingLog
 from .sampling import Group, GroupSampler
 from .settings import TrainingSettings, resolve_lrs
@@ -211,7 +213,7 @@ class Trainer:
             encoded, targets, mask = collate(groups, self.ce.tokenizer, s.train_max_length or self.ce.max_length)
             targets, mask = targets.to(acc.device), mask.to(acc.device)
             sync = i == len(micro) - 1
-            context = acc.no_sync(self.model) if not sync else _nullcontext()
+            context = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
             with context, acc.autocast():
                 logits = self._pair_logits(encoded)
                 scores = torch.zeros(mask.shape, device=acc.device, dtype=logits.dtype).masked_scatter(mask, logits)
@@ -236,10 +238,9 @@ class Trainer:
         lengths = np.fromiter((len(x) for x in encoded["input_ids"]), dtype=np.int64)
         # DDP expects one forward per backward: one chunk when training on several processes.
         chunk = FORWARD_CHUNK if self.world == 1 else len(lengths)
-        pad_id = self.ce.tokenizer.pad_token_id if self.ce.tokenizer.pad_token_id is not None else 0
         parts, order = [], []
         for rows in scoring.length_sorted_batches(lengths, chunk):
-            batch = scoring.pad_batch(encoded, rows, pad_id, self.token_types)
+            batch = scoring.pad_batch(encoded, rows, scoring.pad_token_id(self.ce.tokenizer), self.token_types)
             parts.append(self.model(**{k: v.to(self.accelerator.device) for k, v in batch.items()}).logits[:, 0])
             order.append(rows)
         inverse = np.empty(len(lengths), dtype=np.int64)
@@ -318,13 +319,7 @@ class Trainer:
                  "evals_without_gain": self.evals_without_gain, "total_steps": self.total_steps,
                  "groups_per_step": self.groups_per_step, "seed": self.s.seed}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        if final.exists():
-            old = self.checkpoint_dir / f".last.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)
 
     def _load_checkpoint(self) -> None:
         folder = self.checkpoint_dir / "last"
@@ -360,11 +355,3 @@ class Trainer:
         self.best, self.best_step = state["best"], state["best_step"]
         self.evals_without_gain = state["evals_without_gain"]
         self.log.write(event="resume", step=self.step)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
