@@ -73,8 +73,10 @@ def main() -> None:
         with quiet_native_output():
             first = pt.Transformer.from_df(bm25(dev))
         t = time.perf_counter()
+        runs = out / "runs" / args.name  # per-query comparisons between variants
+        runs.mkdir(parents=True, exist_ok=True)
         res = pt.Experiment([first, first >> ce], dev, squad.get_qrels("dev"), [nDCG @ 10], names=["bm25", "ce"],
-                            baseline=0)
+                            baseline=0, save_dir=str(runs), save_mode="overwrite")
         row.update({"dev_bm25": round(float(res["nDCG@10"].iloc[0]), 4), "dev_ce": round(float(res["nDCG@10"].iloc[1]), 4),
                     "dev_p": float(res["nDCG@10 p-value"].iloc[1]), "eval_min": round((time.perf_counter() - t) / 60, 2)})
         for length in filter(None, args.eval_lengths.split(",")):

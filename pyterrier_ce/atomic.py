@@ -18,3 +18,18 @@ def replace_dir(tmp: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
+
+
+def recover_dir(path: Path) -> bool:
+    """Puts back the previous folder when a crash came between :func:`replace_dir`'s two renames.
+
+    Then ``path`` is missing and the old folder waits under ``.NAME.old-PID``; it is complete, so
+    it is renamed back. Returns whether a folder was put back.
+    """
+    if path.exists():
+        return False
+    old = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not old:
+        return False
+    os.replace(old[-1], path)
+    return True

@@ -32,6 +32,9 @@ def load_model(
             or a classifier with several labels) gets a freshly initialised one-logit head on top
             of its encoder weights.
         trust_remote_code: Passed to transformers; off unless the user asks for it.
+
+    Weights are read from safetensors files only; a folder holding only a pickled
+    ``pytorch_model.bin`` is refused with instructions to convert it.
         torch_dtype: Optional dtype for the weights.
 
     Returns:
@@ -52,20 +55,46 @@ def _load(model: ModelLike, *, trust_remote_code: bool, torch_dtype: Optional[to
             f"not {type(model).__name__}."
         )
     name = os.fspath(model)
+    _refuse_pickled_weights(name)
     config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    kwargs = dict(trust_remote_code=trust_remote_code)
+    # Only safetensors: a pickled pytorch_model.bin can run code when it is loaded.
+    kwargs = dict(trust_remote_code=trust_remote_code, use_safetensors=True)
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
-    if _has_one_logit_head(config):
-        loaded = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
-    else:
-        # A bare encoder or a multi-label classifier: keep the encoder, start a one-logit head.
-        config.num_labels = 1
-        config.problem_type = None
-        loaded = AutoModelForSequenceClassification.from_pretrained(
-            name, config=config, ignore_mismatched_sizes=True, **kwargs
-        )
+    try:
+        if _has_one_logit_head(config):
+            loaded = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
+        else:
+            # A bare encoder or a multi-label classifier: keep the encoder, start a one-logit head.
+            config.num_labels = 1
+            config.problem_type = None
+            loaded = AutoModelForSequenceClassification.from_pretrained(
+                name, config=config, ignore_mismatched_sizes=True, **kwargs
+            )
+    except OSError as err:
+        if "safetensors" in str(err) or ".bin" in str(err):
+            raise OSError(f"{name}: {_CONVERT_HINT} ({err})") from err
+        raise
     return loaded, name
+
+
+_CONVERT_HINT = (
+    "no safetensors weights (model.safetensors). pyterrier-ce loads only safetensors, since pickled "
+    "pytorch_model.bin files can run code when loaded. If you trust the source, convert it once: "
+    "`AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=False).save_pretrained(path)` "
+    "(that writes model.safetensors), then load the folder again."
+)
+
+
+def _refuse_pickled_weights(folder: str) -> None:
+    """A clear error for a local folder that holds only pickled weights."""
+    if not os.path.isdir(folder):
+        return
+    names = os.listdir(folder)
+    if not any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names) and any(
+        n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in names
+    ):
+        raise ValueError(f"{folder} has {_CONVERT_HINT}")
 
 
 def _from_built(model: PreTrainedModel) -> PreTrainedModel:

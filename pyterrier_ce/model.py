@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -22,6 +23,12 @@ from .settings import TrainingSettings
 _ST_CONFIG = {"activation_fn": "torch.nn.modules.linear.Identity"}
 # Our own settings, kept in config.json so that from_pretrained restores them.
 _CONFIG_KEY = "pyterrier_ce"
+
+
+def _distributed_rank() -> int:
+    """This process's rank in a ``torch.distributed`` run; 0 when there is none."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 class CrossEncoder(pt.Estimator):
@@ -97,18 +104,18 @@ class CrossEncoder(pt.Estimator):
         # A built model may carry any weights, so its identity is its weights.
         self._fingerprint: Optional[str] = None if isinstance(model, (str, os.PathLike)) else self.weights_fingerprint()
 
-    def _check_max_length(self, max_length: Optional[int]) -> int:
+    def _check_max_length(self, max_length: Optional[int], name: str = "max_length") -> int:
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit is not None and getattr(self.model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
             limit -= 2  # RoBERTa-style position ids start after the padding index
         if max_length is None:
             return min(512, limit) if limit is not None else 512
         if max_length < 8:
-            raise ValueError(f"max_length={max_length} leaves no room for a query and a text.")
+            raise ValueError(f"{name}={max_length} leaves no room for a query and a text: pass 8 or more.")
         if limit is not None and max_length > limit:
             raise ValueError(
-                f"max_length={max_length} is beyond this model's limit of {limit} tokens: "
-                f"pass max_length={limit} or less."
+                f"{name}={max_length} is beyond this model's limit of {limit} tokens: "
+                f"pass {name}={limit} or less."
             )
         return max_length
 
@@ -162,6 +169,17 @@ class CrossEncoder(pt.Estimator):
             message = "; ".join(hints) if hints else str(err.args[0])
             raise pt.validate.InputValidationError(f"CrossEncoder: {message}.", err.modes) from None
 
+    def _check_values(self, inp: pd.DataFrame, what: str) -> None:
+        """Refuses missing (NaN/None) queries and texts: usually a text join that failed."""
+        for column in ("query", self.text_field):
+            missing = inp[column].isna()
+            if missing.any():
+                example = inp.loc[missing, ["qid", "docno"]].iloc[0].tolist()
+                raise ValueError(
+                    f"CrossEncoder: {int(missing.sum())} rows have no `{column}` (NaN/None), e.g. (qid, docno) "
+                    f"{tuple(example)}; fill or drop them before {what}."
+                )
+
     def score_pairs(self, queries, texts, *, desc: str = "CrossEncoder") -> np.ndarray:
         """Raw scores of (query, text) pairs, in input order (see :func:`scoring.score_pairs`)."""
         return scoring.score_pairs(
@@ -178,20 +196,26 @@ class CrossEncoder(pt.Estimator):
         )
 
     def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
-        """Scores and ranks a result frame (qid, query, docno, text)."""
+        """Scores and ranks a result frame (qid, query, docno, text).
+
+        Rows without a query or text (NaN/None) are refused with a ``ValueError``; empty strings
+        are scored as given, with a warning. qids and docnos may be of any type (ranks are per
+        qid); a repeated (qid, docno) row is scored once per row.
+        """
         self._validate(inp)
         if len(inp) == 0:
             out = inp.assign(score=pd.Series(dtype="float64"), rank=pd.Series(dtype="int64"))
             return out
-        queries = inp["query"]
-        texts = inp[self.text_field]
-        if queries.isna().any() or texts.isna().any():
-            column = "query" if queries.isna().any() else self.text_field
-            raise ValueError(
-                f"CrossEncoder: {int(inp[column].isna().sum())} rows have no `{column}` (NaN/None); "
-                f"fill or drop them before reranking."
-            )
-        scores = self.score_pairs(queries.astype(str).tolist(), texts.astype(str).tolist())
+        self._check_values(inp, "reranking")
+        queries, texts = inp["query"].astype(str), inp[self.text_field].astype(str)
+        empty = {c: int((v.str.strip() == "").sum()) for c, v in (("query", queries), (self.text_field, texts))}
+        if any(empty.values()):
+            # Real collections have a few empty documents: they are scored, not refused.
+            warnings.warn(
+                f"CrossEncoder: {', '.join(f'{n} rows have an empty `{c}`' for c, n in empty.items() if n)}; "
+                f"they are scored as given. Fill or drop them before reranking if that is not intended.",
+                stacklevel=2)
+        scores = self.score_pairs(queries.tolist(), texts.tolist())
         out = inp.assign(score=scores.astype(np.float64))
         # 0-based rank by descending score; ties keep input order
         out["rank"] = out.groupby("qid", sort=False)["score"].rank(ascending=False, method="first").astype("int64") - 1
@@ -223,8 +247,27 @@ class CrossEncoder(pt.Estimator):
         Returns:
             ``self``, trained; ``self.history`` holds the training log. After validation the
             best validated weights are kept.
+
+        Raises:
+            ValueError: Empty ``train`` or ``valid``; rows without ``query`` or text (NaN/None);
+                no usable training query; ``train_max_length`` beyond the model's limit.
+            NonFiniteLoss: The loss became NaN or infinite (the step and queries are named;
+                the ``best/`` checkpoint is left as it was).
+
+        qids and docnos are compared as strings (int qids in ``train`` match str qids in
+        ``train_qrels``). Repeated (qid, docno) candidates and candidates with empty text are left
+        out with a warning; queries with an empty text, without a judged-relevant candidate, or
+        with qrels but no candidates are skipped; a query with fewer candidates than
+        ``group_size`` gives a smaller group. All are counted in the sampling report (printed
+        when ``verbose``, and logged in the ``start`` row of ``history``).
+
+        Under ``accelerate launch`` (several processes, DDP) every process runs the same script
+        and call: each takes its share of every step's groups, the gradients and the logged loss
+        are averaged, and only the main process writes logs and checkpoints.
         """
         s = self.settings.updated(**settings)
+        if s.train_max_length is not None:
+            self._check_max_length(s.train_max_length, "train_max_length")
         train = self._candidates(train, s.first_stage, "train")
         if (valid is None) != (valid_qrels is None):
             raise ValueError("Pass both valid and valid_qrels for validation, or neither.")
@@ -238,7 +281,7 @@ class CrossEncoder(pt.Estimator):
         teacher_scores = self._teacher_scores(s, objective, train)
         sampler = GroupSampler(train, train_qrels, group_size=s.group_size, negatives=s.negatives,
                                seed=s.seed, text_field=self.text_field, teacher_scores=teacher_scores)
-        if self.verbose:
+        if self.verbose and _distributed_rank() == 0:
             print(f"CrossEncoder.fit: {sampler.report}")
         trainer = Trainer(self, s, sampler, objective, valid, valid_qrels)
         try:
@@ -282,7 +325,11 @@ class CrossEncoder(pt.Estimator):
             frame = first_stage(frame)
         self._validate(frame)
         if len(frame) == 0:
-            raise ValueError(f"{what} has no candidates.")
+            raise ValueError(
+                f"{what} is empty (no candidates to train on): check that the first stage retrieved "
+                f"documents for these topics, and that the frame was not filtered to nothing."
+            )
+        self._check_values(frame, "training")
         return frame
 
     # -- saving and loading -----------------------------------------------------------------
@@ -293,8 +340,11 @@ class CrossEncoder(pt.Estimator):
         ``transformers.AutoModelForSequenceClassification``, sentence-transformers'
         ``CrossEncoder`` and :meth:`from_pretrained` all load it and score the same raw logits.
         The folder is written next to ``path`` and renamed into place, so a crash never leaves a
-        half-written model under that name.
+        half-written model under that name. In a multi-process run (``accelerate launch``) only
+        the main process writes; the others return at once.
         """
+        if _distributed_rank() > 0:
+            return  # under accelerate launch, the main process writes the one copy
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         config = self.model.config

@@ -11,6 +11,7 @@ candidates drawn at random (``negatives="random"``), or the teacher's top ``grou
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -42,9 +43,14 @@ class SamplingReport:
     short_groups: int = 0
     positives_not_in_candidates: int = 0
     qrels_for_unknown_queries: int = 0
+    empty_query: int = 0
+    empty_texts: int = 0
+    duplicates: int = 0
 
     def __str__(self) -> str:
         parts = [f"{self.used} of {self.queries} training queries used"]
+        if self.empty_query:
+            parts.append(f"{self.empty_query} skipped: empty query text")
         if self.no_positive:
             parts.append(f"{self.no_positive} skipped: no judged-relevant document among their candidates")
         if self.no_negative:
@@ -53,6 +59,10 @@ class SamplingReport:
             parts.append(f"{self.short_groups} have fewer candidates than group_size (smaller groups)")
         if self.qrels_for_unknown_queries:
             parts.append(f"qrels of {self.qrels_for_unknown_queries} queries without candidates unused")
+        if self.empty_texts:
+            parts.append(f"{self.empty_texts} candidates with empty text left out")
+        if self.duplicates:
+            parts.append(f"{self.duplicates} duplicate (qid, docno) rows left out")
         return "; ".join(parts)
 
 
@@ -80,6 +90,15 @@ class GroupSampler:
         text_field: Column holding the document text.
         teacher_scores: Teacher scores aligned with the candidate rows (distillation); the
             targets are then these scores, and qrels are optional.
+
+    Inputs that cannot make a useful group are left out and counted in :attr:`report` (never
+    silently): queries without a judged-relevant candidate, or without another candidate to
+    contrast with; queries whose text is empty; candidates whose text is empty (a warning);
+    repeated (qid, docno) rows, of which the first in first-stage order is kept (a warning
+    naming one). A query with fewer candidates than ``group_size`` gives a smaller group (its
+    missing places are masked out of the loss). qids and docnos are compared as strings, so
+    ``1`` in the candidates matches ``"1"`` in the qrels; qrels of queries without candidates
+    are ignored and counted.
     """
 
     def __init__(
@@ -119,6 +138,7 @@ class GroupSampler:
             frame = frame.sort_values(["qid", "rank"], kind="stable")
         elif "score" in frame.columns:
             frame = frame.sort_values(["qid", "score"], ascending=[True, False], kind="stable")
+        frame = self._drop_unusable_rows(frame)
         labels = qrels.assign(qid=qrels["qid"].astype(str), docno=qrels["docno"].astype(str))
         labels = labels.drop_duplicates(["qid", "docno"], keep="last").set_index(["qid", "docno"])["label"]
         frame["_label"] = labels.reindex(pd.MultiIndex.from_arrays([frame["qid"], frame["docno"]])).to_numpy()
@@ -134,6 +154,9 @@ class GroupSampler:
             in_candidates = int(positive.sum())
             self.report.positives_not_in_candidates += int(relevant_judged.get(qid, 0)) - in_candidates
             distilling = self._teacher is not None
+            if not str(rows["query"].iloc[0]).strip():
+                self.report.empty_query += 1
+                continue
             if not positive.any() and not distilling:
                 self.report.no_positive += 1
                 continue
@@ -158,6 +181,27 @@ class GroupSampler:
                 f"Check that train and train_qrels share qids and docnos, or retrieve deeper candidates."
             )
         return queries
+
+    def _drop_unusable_rows(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Leaves out repeated (qid, docno) rows and candidates with empty text, with a warning."""
+        duplicated = frame.duplicated(["qid", "docno"], keep="first")
+        if duplicated.any():
+            example = frame.loc[duplicated, ["qid", "docno"]].iloc[0].tolist()
+            self.report.duplicates = int(duplicated.sum())
+            warnings.warn(
+                f"{self.report.duplicates} training candidates repeat a (qid, docno) pair, e.g. {tuple(example)}: "
+                f"the first of each (in first-stage order) is kept. Drop duplicates before fit to silence this "
+                f"(frame.drop_duplicates(['qid', 'docno'])).", stacklevel=4)
+            frame = frame[~duplicated]
+        empty = np.char.str_len(np.char.strip(self._texts[frame["_row"].to_numpy()].astype(str))) == 0
+        if empty.any():
+            self.report.empty_texts = int(empty.sum())
+            example = frame.loc[empty, ["qid", "docno"]].iloc[0].tolist()
+            warnings.warn(
+                f"{self.report.empty_texts} training candidates have an empty `{self.text_field}`, e.g. "
+                f"{tuple(example)}: they are left out of training. Check the text loader.", stacklevel=4)
+            frame = frame[~empty]
+        return frame
 
     def __len__(self) -> int:
         """Groups per epoch (one per usable query)."""

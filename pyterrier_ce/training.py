@@ -8,8 +8,9 @@ position.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
-import os
+import math
 import re
 import shutil
 import time
@@ -27,7 +28,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from . import scoring
 from .allocator import keep_freed_memory
-from .atomic import replace_dir
+from .atomic import recover_dir, replace_dir
 from .history import TrainingLog
 from .sampling import Group, GroupSampler
 from .settings import TrainingSettings, resolve_lrs
@@ -37,6 +38,19 @@ _MIXED = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; training stopped before corrupting the model."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder to resume from cannot be read (truncated, corrupt or foreign)."""
+
+
+# What trainer_state.json must hold to resume.
+_STATE_KEYS = ("step", "best", "best_step", "evals_without_gain", "total_steps", "groups_per_step")
+
+
+def _rng_file(rank: int) -> str:
+    """Each process keeps its own RNG state (its dropout masks differ): rank 0's is rng.pt."""
+    return "rng.pt" if rank == 0 else f"rng-{rank}.pt"
 
 
 def _depth(name: str, num_layers: int) -> int:
@@ -52,6 +66,18 @@ def _depth(name: str, num_layers: int) -> int:
 def _is_head(name: str, model: torch.nn.Module) -> bool:
     """The classification head and the pooler feeding it: parts that start untrained for ranking."""
     return not name.startswith(model.base_model_prefix + ".") or ".pooler." in name
+
+
+def frozen_parameters(model: torch.nn.Module, frozen_layers: Optional[int]) -> List[torch.nn.Parameter]:
+    """The embeddings' and the first ``frozen_layers`` encoder layers' parameters (none for None)."""
+    if frozen_layers is None:
+        return []
+    num_layers = getattr(model.config, "num_hidden_layers", 0)
+    if frozen_layers >= num_layers:
+        raise ValueError(f"frozen_layers={frozen_layers} would freeze every one of the model's {num_layers} "
+                         f"layers: give at most {num_layers - 1}.")
+    return [p for name, p in model.named_parameters()
+            if not _is_head(name, model) and _depth(name, num_layers) <= frozen_layers]
 
 
 def param_groups(model: torch.nn.Module, s: TrainingSettings, lr: float, head_lr: float) -> List[Dict[str, Any]]:
@@ -76,6 +102,29 @@ def param_groups(model: torch.nn.Module, s: TrainingSettings, lr: float, head_lr
 # Pairs per forward pass in training: a micro-batch's pairs are run in length-sorted chunks of
 # this size, each padded only to its own longest pair, then put back in group order for the loss.
 FORWARD_CHUNK = 32
+
+
+def dropout_overrides(model: torch.nn.Module, dropout: Optional[float],
+                      attention_dropout: Optional[float]) -> List[tuple]:
+    """Sets the training dropout; returns ``(module, attribute, old value)`` to restore it.
+
+    Attention-probability dropout is an ``nn.Dropout`` named ``attention.self.dropout`` in
+    BERT-like families and a float ``attention_dropout`` attribute in ModernBERT.
+    """
+    changed = []
+
+    def override(module: torch.nn.Module, attribute: str, value: Optional[float]) -> None:
+        if value is not None:
+            changed.append((module, attribute, getattr(module, attribute)))
+            setattr(module, attribute, value)
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout):
+            attention = name.endswith("attention.self.dropout")
+            override(module, "p", attention_dropout if attention and attention_dropout is not None else dropout)
+        elif isinstance(getattr(module, "attention_dropout", None), float):
+            override(module, "attention_dropout", attention_dropout)
+    return changed
 
 
 def collate(groups: List[Group], tokenizer, max_length: int):
@@ -135,22 +184,56 @@ class Trainer:
         model = self.ce.model
         model.train()
         # the model's own dropout comes back after training
-        self._dropouts = [(m, m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
-        if self.s.dropout is not None:
-            for module, _ in self._dropouts:
-                module.p = self.s.dropout
+        self._frozen = [p for p in frozen_parameters(model, self.s.frozen_layers) if p.requires_grad]
+        self._dropouts = dropout_overrides(model, self.s.dropout, self.s.attention_dropout)
+        for param in self._frozen:
+            param.requires_grad_(False)
         self.lr, self.head_lr = resolve_lrs(self.s, self.total_steps)
         self.optimizer = torch.optim.AdamW(param_groups(model, self.s, self.lr, self.head_lr), lr=self.lr)
         warmup = self.s.warmup if self.s.warmup >= 1 else self.s.warmup * self.total_steps
         # The scheduler steps once per optimiser step, on every process: not handed to Accelerate.
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(round(warmup)), self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        # Validation scores on this process's device (cuda:RANK under accelerate launch).
+        self.ce.device = self.accelerator.device
         self.token_types = scoring.uses_token_types(self.ce.model)
+
+    def _check_same_data(self) -> None:
+        """Under several processes, refuses training groups that differ between them: each
+        process takes its slice of the same global batch, so they must draw the same groups."""
+        if self.world == 1:
+            return
+        digest = hashlib.blake2b(digest_size=7)  # 56 bits: fits a non-negative int64
+        for g in self.sampler.epoch(0):
+            digest.update("\x1f".join([g.qid, *g.docnos]).encode() + b"\x1e")
+        mine = torch.tensor([int.from_bytes(digest.digest(), "little")], dtype=torch.int64,
+                            device=self.accelerator.device)
+        everyone = self.accelerator.gather(mine)
+        if (everyone != everyone[0]).any():
+            raise ValueError(
+                "The training groups differ between processes: every process of `accelerate launch` must call "
+                "fit with the same train frame, qrels and settings (sort the candidates by qid and rank, and use "
+                "a deterministic first stage)."
+            )
 
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> TrainingLog:
+        """Trains; on an error the model is still handed back in eval mode with its own dropout."""
         self._prepare()
+        try:
+            return self._run()
+        except BaseException:
+            for module, attribute, value in self._dropouts:
+                setattr(module, attribute, value)
+            for param in self._frozen:
+                param.requires_grad_(True)
+            self.ce.model = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+            self.ce.model.eval()
+            raise
+
+    def _run(self) -> TrainingLog:
+        self._check_same_data()
         if self.s.resume:
             self._load_checkpoint()
         acc = self.accelerator
@@ -188,8 +271,10 @@ class Trainer:
                 if stop or done:
                     break
         progress.close()
-        for module, p in self._dropouts:
-            module.p = p
+        for module, attribute, value in self._dropouts:
+            setattr(module, attribute, value)
+        for param in self._frozen:
+            param.requires_grad_(True)
         if self.checkpoint_dir and not self.s.checkpoint_every and self.valid is None:
             self._save_checkpoint()
         self.ce.model = acc.unwrap_model(self.model, keep_fp32_wrapper=False)
@@ -209,6 +294,7 @@ class Trainer:
         mine = batch[self.rank::self.world]  # this process's share of the global batch
         micro = [mine[i:i + s.train_batch_size] for i in range(0, len(mine), s.train_batch_size)]
         total = 0.0
+        bad = None  # (micro-batch, loss, qids) of the first non-finite loss of this process
         for i, groups in enumerate(micro):
             encoded, targets, mask = collate(groups, self.ce.tokenizer, s.train_max_length or self.ce.max_length)
             targets, mask = targets.to(acc.device), mask.to(acc.device)
@@ -218,14 +304,24 @@ class Trainer:
                 logits = self._pair_logits(encoded)
                 scores = torch.zeros(mask.shape, device=acc.device, dtype=logits.dtype).masked_scatter(mask, logits)
                 loss = self.objective(scores, targets, mask) / len(micro)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(
-                    f"The loss is {loss.item()} at step {self.step + 1} (micro-batch {i}, queries "
-                    f"{[g.qid for g in groups]}); training stopped and the best checkpoint was left as it was. "
-                    f"Lower lr, use precision='bf16' or 'fp32', or check the targets."
-                )
+            if bad is None and not torch.isfinite(loss):
+                bad = (i, loss.item(), [g.qid for g in groups])
+            # backward even so: under DDP the other processes wait for this one's gradients
             acc.backward(loss)
             total += loss.item()
+        if self.world > 1:
+            # The step's loss averaged over processes (equal shares of the groups, so the mean of the
+            # global batch); one collective, after which all processes agree on whether to stop.
+            total = acc.reduce(torch.tensor([total], dtype=torch.float64, device=acc.device), reduction="mean").item()
+        if bad is not None or not math.isfinite(total):
+            where = (f"micro-batch {bad[0]}, queries {bad[2]}" if bad is not None
+                     else "on another process; see its message for the queries")
+            value = bad[1] if bad is not None else total
+            raise NonFiniteLoss(
+                f"The loss is {value} at step {self.step + 1} ({where}); training stopped before the optimiser "
+                f"step, and the best/ and last/ checkpoints were left as they were. Lower lr, use "
+                f"precision='bf16' or 'fp32', or check the targets."
+            )
         if s.max_grad_norm:
             acc.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
         self.optimizer.step()
@@ -298,34 +394,49 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------
 
     def _save_checkpoint(self) -> None:
-        """Writes ``last/`` under a temporary name, then renames it into place."""
+        """Writes ``last/`` under a temporary name, then renames it into place.
+
+        Every process saves its own RNG state; the main process writes the rest, so
+        ``checkpoint_dir`` must be on a file system that all processes see.
+        """
         acc = self.accelerator
+        tmp = self.checkpoint_dir / ".last.tmp"
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            stale = list(self.checkpoint_dir.glob(".last.tmp*"))  # left by a crash
+            if (self.checkpoint_dir / "last").exists():  # then old copies are not needed to recover
+                stale += self.checkpoint_dir.glob(".last.old-*")
+            for folder in stale:
+                shutil.rmtree(folder, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / _rng_file(self.rank))
         acc.wait_for_everyone()
         if not acc.is_main_process:
             return
-        final = self.checkpoint_dir / "last"
-        tmp = self.checkpoint_dir / f".last.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         model = acc.unwrap_model(self.model)
         model.save_pretrained(tmp, safe_serialization=True)
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
         state = {"step": self.step, "best": self.best, "best_step": self.best_step,
                  "evals_without_gain": self.evals_without_gain, "total_steps": self.total_steps,
-                 "groups_per_step": self.groups_per_step, "seed": self.s.seed}
+                 "groups_per_step": self.groups_per_step, "processes": self.world, "seed": self.s.seed}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        replace_dir(tmp, final)
+        replace_dir(tmp, self.checkpoint_dir / "last")
 
     def _load_checkpoint(self) -> None:
+        """Restores ``last/``; a folder that cannot be read is a :class:`CheckpointError` naming it."""
         folder = self.checkpoint_dir / "last"
+        if self.accelerator.is_main_process and recover_dir(folder):
+            self.log.write(event="recovered", folder=str(folder))
+        self.accelerator.wait_for_everyone()
         if not folder.exists():
             return  # nothing to resume: start from the beginning
-        needed = ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"]
+        rng_file = _rng_file(self.rank) if (folder / _rng_file(self.rank)).exists() else "rng.pt"
+        needed = ["model.safetensors", "optimizer.pt", "scheduler.pt", rng_file, "trainer_state.json"]
         missing = [f for f in needed if not (folder / f).exists()]
         if missing:
             raise FileNotFoundError(
@@ -334,20 +445,49 @@ class Trainer:
             )
         from safetensors.torch import load_file
 
+        model = self.accelerator.unwrap_model(self.model)
+        current = "trainer_state.json"
         try:
-            state = json.loads((folder / "trainer_state.json").read_text())
-            weights = load_file(folder / "model.safetensors")
-        except Exception as err:  # a truncated file
-            raise RuntimeError(f"Cannot resume from {folder}: unreadable checkpoint ({err}).") from err
+            state = json.loads((folder / current).read_text())
+            absent = [k for k in _STATE_KEYS if k not in state]
+            if absent:
+                raise KeyError(f"no {absent}")
+            current = "model.safetensors"
+            weights = load_file(folder / current)
+            # weights_only: a checkpoint is data; unpickling it must not run code
+            current = "optimizer.pt"
+            optimizer = torch.load(folder / current, weights_only=True)
+            current = "scheduler.pt"
+            scheduler = torch.load(folder / current, weights_only=True)
+            current = rng_file
+            rng = torch.load(folder / current, weights_only=True)
+        except Exception as err:  # truncated, corrupt or not ours
+            raise CheckpointError(
+                f"Cannot resume from {folder}: {current} is unreadable or corrupt ({type(err).__name__}: {err}). "
+                f"Remove the folder (or point checkpoint_dir elsewhere) to start afresh."
+            ) from err
         if state["groups_per_step"] != self.groups_per_step:
             raise ValueError(
                 f"{folder} was written with {state['groups_per_step']} groups per step, this run has "
                 f"{self.groups_per_step}: resume with the same train_batch_size, grad_accum_steps and processes."
             )
-        self.accelerator.unwrap_model(self.model).load_state_dict(weights, strict=False)
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-        rng = torch.load(folder / "rng.pt", weights_only=True)
+        current = "model.safetensors"
+        try:
+            result = model.load_state_dict(weights, strict=False)
+            parameters = dict(model.named_parameters())
+            absent = [k for k in result.missing_keys if k in parameters]
+            if result.unexpected_keys or absent:
+                raise KeyError(f"unexpected {result.unexpected_keys[:3]}, missing {absent[:3]}")
+            current = "optimizer.pt"
+            self.optimizer.load_state_dict(optimizer)
+            current = "scheduler.pt"
+            self.scheduler.load_state_dict(scheduler)
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise CheckpointError(
+                f"Cannot resume from {folder}: its {current} does not fit this model and settings "
+                f"({type(err).__name__}: {err}). Resume with the model and settings it was written with, or "
+                f"point checkpoint_dir elsewhere."
+            ) from err
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])

@@ -9,6 +9,7 @@ import pandas as pd
 import pyterrier as pt
 import pytest
 import torch
+import transformers
 from pyterrier.measures import nDCG
 
 from conftest import WORDS
@@ -291,3 +292,58 @@ def test_fits_with_different_precisions_in_one_process(tiny_model_dir, task):
         ce = make(tiny_model_dir, max_steps=1, precision=precision)
         ce.fit(candidates, qrels)
         assert len(ce.history.frame("step")) == 1
+
+
+def test_dropout_settings_apply_while_training_and_are_restored(tiny_model_dir, task, tiny_tokenizer, monkeypatch):
+    from conftest import tiny_config
+    from pyterrier_ce.training import dropout_overrides
+
+    ce = make(tiny_model_dir)
+    changed = dropout_overrides(ce.model, 0.3, 0.0)
+    p = {name: m.p for name, m in ce.model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    assert p["bert.encoder.layer.0.attention.self.dropout"] == 0.0
+    assert p["bert.encoder.layer.0.attention.output.dropout"] == 0.3
+    assert p["bert.encoder.layer.1.output.dropout"] == 0.3
+    assert all(old == 0.1 for _, _, old in changed)
+    # None keeps the model's own attention dropout
+    model = make(tiny_model_dir).model
+    dropout_overrides(model, None, None)
+    assert all(m.p == 0.1 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    # ModernBERT keeps attention dropout as a float attribute
+    modern = transformers.AutoModelForSequenceClassification.from_config(
+        tiny_config("modernbert", len(tiny_tokenizer), num_labels=1, attention_dropout=0.2))
+    dropout_overrides(modern, None, 0.0)
+    assert all(m.attention_dropout == 0.0 for m in modern.modules() if hasattr(m, "attention_dropout"))
+
+    # fit uses them while training and gives the model's own back afterwards
+    seen = []
+    original = Trainer._optimiser_step
+
+    def spy(self, batch):
+        seen.append({name: m.p for name, m in self.ce.model.named_modules() if isinstance(m, torch.nn.Dropout)})
+        return original(self, batch)
+
+    monkeypatch.setattr(Trainer, "_optimiser_step", spy)
+    candidates, qrels = task
+    ce = make(tiny_model_dir, max_steps=1)
+    ce.fit(candidates, qrels, dropout=0.2)
+    assert seen[0]["bert.encoder.layer.0.attention.self.dropout"] == 0.0
+    assert seen[0]["bert.encoder.layer.0.output.dropout"] == 0.2
+    assert all(m.p == 0.1 for m in ce.model.modules() if isinstance(m, torch.nn.Dropout))
+    with pytest.raises(ValueError, match="attention_dropout must be in"):
+        ce.fit(candidates, qrels, attention_dropout=1.5)
+
+
+def test_frozen_layers_stay_fixed(tiny_model_dir, task):
+    candidates, qrels = task
+    ce = make(tiny_model_dir, max_steps=2, lr=1e-2)
+    before = {name: p.detach().clone() for name, p in ce.model.named_parameters()}
+    ce.fit(candidates, qrels, frozen_layers=1)
+    after = dict(ce.model.named_parameters())
+    assert torch.equal(before["bert.embeddings.word_embeddings.weight"], after["bert.embeddings.word_embeddings.weight"])
+    assert torch.equal(before["bert.encoder.layer.0.output.dense.weight"], after["bert.encoder.layer.0.output.dense.weight"])
+    assert not torch.equal(before["bert.encoder.layer.1.output.dense.weight"], after["bert.encoder.layer.1.output.dense.weight"])
+    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
+    assert all(p.requires_grad for p in ce.model.parameters())  # a later fit trains everything again
+    with pytest.raises(ValueError, match="frozen_layers=2 would freeze every one"):
+        ce.fit(candidates, qrels, frozen_layers=2)
