@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--final", action="store_true", help="evaluate on SQuAD test + TREC DL 2019 instead of dev")
     parser.add_argument("--test-queries", type=int, default=300)
     parser.add_argument("--final-dl", default="trec_dl_2019,trec_dl_2020", help="TREC DL sets of --final")
+    parser.add_argument("--identity-pooler", action="store_true", help="start an untrained pooler as the identity")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "budget"))
     args = parser.parse_args()
@@ -59,6 +60,10 @@ def main() -> None:
         candidates = bm25(topics)
     extra = {} if args.max_length is None else {"max_length": args.max_length}
     ce = CrossEncoder(minilm_path(), seed=args.seed, **extra, **settings)
+    if args.identity_pooler:
+        from pyterrier_ce.loading import identity_untrained_pooler
+
+        assert identity_untrained_pooler(ce.model)
     (out / f"{args.name}.log.jsonl").unlink(missing_ok=True)
     start = time.perf_counter()
     ce.fit(candidates, squad.get_qrels("train"), log_file=str(out / f"{args.name}.log.jsonl"))

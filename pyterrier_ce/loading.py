@@ -30,15 +30,16 @@ def load_model(
         model: A hub name, a local folder, or an already-built transformers model. A checkpoint
             without a one-logit sequence-classification head (a bare encoder such as ``BertModel``,
             or a classifier with several labels) gets a freshly initialised one-logit head on top
-            of its encoder weights.
+            of its encoder weights (a BERT pooler that was never trained starts as the identity:
+            see :func:`identity_untrained_pooler`).
         trust_remote_code: Passed to transformers; off unless the user asks for it.
-
-    Weights are read from safetensors files only; a folder holding only a pickled
-    ``pytorch_model.bin`` is refused with instructions to convert it.
         torch_dtype: Optional dtype for the weights.
 
     Returns:
         The model and the name or path it came from (``""`` for a built model without one).
+
+    Weights are read from safetensors files only; a folder holding only a pickled
+    ``pytorch_model.bin`` is refused with instructions to convert it.
     """
     # A new head starts from the same seed every time, so one name always means one model.
     with torch.random.fork_rng(devices=[]):
@@ -71,6 +72,7 @@ def _load(model: ModelLike, *, trust_remote_code: bool, torch_dtype: Optional[to
             loaded = AutoModelForSequenceClassification.from_pretrained(
                 name, config=config, ignore_mismatched_sizes=True, **kwargs
             )
+            identity_untrained_pooler(loaded)
     except OSError as err:
         if "safetensors" in str(err) or ".bin" in str(err):
             raise OSError(f"{name}: {_CONVERT_HINT} ({err})") from err
@@ -97,6 +99,27 @@ def _refuse_pickled_weights(folder: str) -> None:
         raise ValueError(f"{folder} has {_CONVERT_HINT}")
 
 
+def identity_untrained_pooler(model: PreTrainedModel) -> bool:
+    """Starts a never-trained BERT pooler as the identity; returns whether it did.
+
+    BERT-style heads score ``tanh(W h_cls + b)``. Encoders pretrained without next-sentence
+    prediction (sentence-transformers models such as all-MiniLM-L6-v2, or a freshly added
+    pooler) carry a random ``W`` with ``b = 0``: a shrunk random projection that scales the
+    gradient reaching the encoder down by ~5x. ``W = I`` passes the [CLS] vector through
+    instead. A bias of exactly zero marks a pooler that no optimiser has touched; trained
+    poolers (BERT's NSP pooler) are left alone.
+    """
+    base = getattr(model, model.base_model_prefix, None)
+    dense = getattr(getattr(base, "pooler", None), "dense", None)
+    if not isinstance(dense, torch.nn.Linear) or dense.in_features != dense.out_features or dense.bias is None:
+        return False
+    if torch.count_nonzero(dense.bias).item() != 0:
+        return False
+    with torch.no_grad():
+        dense.weight.copy_(torch.eye(dense.in_features, dtype=dense.weight.dtype))
+    return True
+
+
 def _from_built(model: PreTrainedModel) -> PreTrainedModel:
     if _has_one_logit_head(model.config) or (
         type(model).__name__.endswith("ForSequenceClassification") and model.config.num_labels == 1
@@ -115,6 +138,7 @@ def _from_built(model: PreTrainedModel) -> PreTrainedModel:
             f"({len(unexpected)} unexpected keys, e.g. {unexpected[:3]}). Pass a hub name or folder instead."
         )
     head.config.architectures = [type(head).__name__]
+    identity_untrained_pooler(head)
     return head.to(next(model.parameters()).device)
 
 

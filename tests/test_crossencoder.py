@@ -207,3 +207,30 @@ def test_cpu_bf16_autocast_is_close(tiny_model_dir, pairs_frame):
     bf16 = CrossEncoder(str(tiny_model_dir), max_length=64, precision="bf16")(pairs_frame)
     both = fp32.merge(bf16, on=["qid", "docno"], suffixes=("_32", "_16"))
     np.testing.assert_allclose(both["score_16"], both["score_32"], atol=0.1)
+
+
+def test_untrained_pooler_starts_as_identity(tiny_tokenizer, tmp_path):
+    from pyterrier_ce.loading import identity_untrained_pooler
+
+    torch.manual_seed(0)
+    # a bare encoder without NSP training: its pooler has a random weight and a zero bias
+    encoder = transformers.BertModel(tiny_config("bert", len(tiny_tokenizer)))
+    folder = save_tiny(tmp_path / "bare", tiny_tokenizer, encoder)
+    ce = CrossEncoder(str(folder), max_length=64)
+    dense = ce.model.bert.pooler.dense
+    assert torch.equal(dense.weight, torch.eye(32)) and torch.count_nonzero(dense.bias) == 0
+    # the encoder's other weights are those of the checkpoint
+    assert torch.equal(ce.model.bert.encoder.layer[0].output.dense.weight, encoder.encoder.layer[0].output.dense.weight)
+    # a trained pooler (non-zero bias) is kept, and families without a pooler are untouched
+    trained = transformers.BertForSequenceClassification(tiny_config("bert", len(tiny_tokenizer), num_labels=1))
+    with torch.no_grad():
+        trained.bert.pooler.dense.bias += 0.1
+    before = trained.bert.pooler.dense.weight.clone()
+    assert not identity_untrained_pooler(trained)
+    assert torch.equal(trained.bert.pooler.dense.weight, before)
+    electra = transformers.ElectraForSequenceClassification(tiny_config("electra", len(tiny_tokenizer), num_labels=1))
+    assert not identity_untrained_pooler(electra)
+    # a saved model keeps its (now trained or identity) pooler as it is
+    ce.save_pretrained(tmp_path / "saved")
+    again = CrossEncoder(str(tmp_path / "saved"), max_length=64)
+    assert torch.equal(again.model.bert.pooler.dense.weight, dense.weight)
