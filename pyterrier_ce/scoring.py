@@ -14,7 +14,7 @@ import pyterrier as pt
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 # Pairs tokenised at a time: bounds memory for millions of pairs while sorting enough of them
 # together that batches pad little.
@@ -45,11 +45,36 @@ def resolve_precision(precision: str, device: torch.device, *, training: bool = 
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}.")
+    if precision == "int8":
+        # int8 is a scoring option (see quantized_copy); training falls back to "auto"
+        if training:
+            precision = "auto"
+        elif device.type != "cpu":
+            raise ValueError("precision='int8' (dynamic quantisation) runs on the CPU; on a GPU use 'bf16'.")
+        else:
+            return torch.float32
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if training and cpu_has_fast_bf16() else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def quantized_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """An int8 copy of ``model`` for CPU scoring: every ``nn.Linear`` dynamically quantised
+    (int8 weights, activations quantised per batch), embeddings and norms left in fp32.
+
+    The original model is untouched (training and saving keep working on fp32 weights). The
+    effectiveness cost is measured in ``benchmarks/scoring.py --int8``.
+    """
+    import copy
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PyTorch's deprecation notice of quantised tensors
+        return quantize_dynamic(copy.deepcopy(model).cpu().eval(), {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

@@ -234,3 +234,27 @@ def test_untrained_pooler_starts_as_identity(tiny_tokenizer, tmp_path):
     ce.save_pretrained(tmp_path / "saved")
     again = CrossEncoder(str(tmp_path / "saved"), max_length=64)
     assert torch.equal(again.model.bert.pooler.dense.weight, dense.weight)
+
+
+def test_int8_scoring_is_close_and_follows_training(tiny_model_dir, pairs_frame):
+    fp32 = CrossEncoder(str(tiny_model_dir), max_length=64)
+    int8 = CrossEncoder(str(tiny_model_dir), max_length=64, precision="int8")
+    a, b = fp32(pairs_frame), int8(pairs_frame)
+    # quantisation moves scores a little, never to NaN; the fp32 model itself is untouched
+    assert np.isfinite(b["score"]).all()
+    np.testing.assert_allclose(a.sort_values("docno")["score"], b.sort_values("docno")["score"], atol=0.05)
+    quantised = [m for m in int8._scoring_model().modules() if type(m).__module__.startswith("torch.ao.nn.quantized.dynamic")]
+    assert len(quantised) == sum(isinstance(m, torch.nn.Linear) for m in int8.model.modules())
+    assert type(int8.model.classifier) is torch.nn.Linear
+    # after the weights change (fit renews the fingerprint), the quantised copy is rebuilt
+    first = int8._scoring_model()
+    assert int8._scoring_model() is first
+    with torch.no_grad():
+        int8.model.classifier.bias += 1.0
+    int8._fingerprint = int8.weights_fingerprint()
+    assert int8._scoring_model() is not first
+    np.testing.assert_allclose(int8(pairs_frame).sort_values("docno")["score"],
+                               b.sort_values("docno")["score"] + 1.0, atol=0.05)
+    with pytest.raises(ValueError, match="int8.*runs on the CPU"):
+        from pyterrier_ce.scoring import resolve_precision
+        resolve_precision("int8", torch.device("cuda"))

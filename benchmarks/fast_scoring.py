@@ -1,0 +1,84 @@
+"""Opt-in faster CPU scoring: bf16 autocast and int8 dynamic quantisation, speed and cost.
+
+Speed: the same Vaswani BM25 pairs scored by sentence-transformers ``predict`` (fp32) and by
+pyterrier-ce at ``precision="fp32"``, ``"bf16"`` and ``"int8"``, one process, best of
+``--repeats`` after a warm-up. Cost: a trained model (``--model``, e.g. the demo's) reranks
+TREC DL 2019 BM25 top-100 at each precision; nDCG@10 and the largest score change.
+
+    python benchmarks/fast_scoring.py --model DEMO/model
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import pyterrier as pt
+import torch
+from pyterrier.measures import nDCG
+
+from common import DATA, bm25_candidates, minilm_path, print_table
+from scoring import best_time
+
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a trained CrossEncoder folder, for the effectiveness check")
+    parser.add_argument("--queries", type=int, default=20)
+    parser.add_argument("--depth", type=int, default=50)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    from sentence_transformers import CrossEncoder as STCrossEncoder
+
+    from pyterrier_ce import BeirDataset, CrossEncoder
+
+    pairs = bm25_candidates("vaswani", "test", args.queries, args.depth)
+    queries, texts = pairs["query"].tolist(), pairs["text"].tolist()
+    n = len(queries)
+    path = minilm_path()
+    theirs = STCrossEncoder(path, max_length=args.max_length, device="cpu", activation_fn=torch.nn.Identity())
+    rows, reference = [], None
+    base = CrossEncoder(path, max_length=args.max_length, batch_size=args.batch_size, device="cpu")
+    theirs.model.load_state_dict(base.model.state_dict())  # the same weights, head included
+    t_st, s_st = best_time(lambda: theirs.predict(list(zip(queries, texts)), batch_size=args.batch_size,
+                                                  show_progress_bar=False), args.repeats)
+    rows.append({"scorer": "sentence-transformers predict, fp32", "pairs/s": n / t_st, "vs ST": 1.0,
+                 "max |score diff|": 0.0})
+    for precision in PRECISIONS:
+        ours = CrossEncoder(base.model, tokenizer=base.tokenizer, max_length=args.max_length,
+                            batch_size=args.batch_size, device="cpu", precision=precision)
+        t, s = best_time(lambda: ours.score_pairs(queries, texts), args.repeats)
+        rows.append({"scorer": f"pyterrier-ce, {precision}", "pairs/s": n / t, "vs ST": t_st / t,
+                     "max |score diff|": float(np.abs(s - s_st).max())})
+    print(f"Speed: {n} Vaswani pairs ({args.queries} queries x BM25 top-{args.depth}), max_length "
+          f"{args.max_length}, batch {args.batch_size}, {torch.get_num_threads()} threads\n")
+    print_table(rows)
+
+    dl = BeirDataset(DATA / "trec_dl_2019")
+    first = pt.Transformer.from_df(dl.get_candidates("test")) >> dl.text_loader("text")
+    topics, qrels = dl.get_topics("test"), dl.get_qrels("test")
+    candidates = first(topics)
+    rows = []
+    for precision in PRECISIONS:
+        ce = CrossEncoder.from_pretrained(args.model, device="cpu", precision=precision)
+        start = time.perf_counter()
+        res = ce(candidates)
+        seconds = time.perf_counter() - start
+        scores = res.sort_values(["qid", "docno"])["score"].to_numpy()
+        reference = scores if reference is None else reference
+        table = pt.Experiment([pt.Transformer.from_df(res)], topics, qrels, [nDCG @ 10])
+        rows.append({"precision": precision, "nDCG@10": float(table["nDCG@10"].iloc[0]),
+                     "seconds": seconds, "pairs/s": len(candidates) / seconds,
+                     "max |score diff| vs fp32": float(np.abs(scores - reference).max())})
+    print(f"\nCost: {args.model} reranking TREC DL 2019 BM25 top-100 ({len(candidates)} pairs, "
+          f"max_length {ce.max_length})\n")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
