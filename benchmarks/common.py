@@ -7,7 +7,6 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
-import pyterrier as pt
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("PYTERRIER_CE_DATA", REPO.parent / "shared" / "data"))
@@ -32,6 +31,15 @@ def bm25_candidates(dataset: str, split: str, num_queries: int, depth: int) -> p
         index.index(data.get_corpus_iter())
     topics = data.get_topics(split).head(num_queries)
     return (index.bm25(num_results=depth) >> data.text_loader("text"))(topics)
+
+
+def add_scoring_args(parser) -> None:
+    """The pair set and scoring options shared by the scoring benchmarks."""
+    parser.add_argument("--queries", type=int, default=20)
+    parser.add_argument("--depth", type=int, default=50)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
 
 
 def peak_rss_mb() -> float:

@@ -17,7 +17,7 @@ import pyterrier as pt
 import torch
 from pyterrier.measures import nDCG
 
-from common import DATA, bm25_candidates, minilm_path, print_table
+from common import DATA, add_scoring_args, bm25_candidates, minilm_path, print_table
 from scoring import best_time
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -26,11 +26,7 @@ PRECISIONS = ("fp32", "bf16", "int8")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a trained CrossEncoder folder, for the effectiveness check")
-    parser.add_argument("--queries", type=int, default=20)
-    parser.add_argument("--depth", type=int, default=50)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
+    add_scoring_args(parser)
     args = parser.parse_args()
 
     from sentence_transformers import CrossEncoder as STCrossEncoder

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from common import bm25_candidates, minilm_path, print_table
+from common import add_scoring_args, bm25_candidates, minilm_path, print_table
 
 
 def best_time(fn, repeats: int) -> tuple[float, np.ndarray]:
@@ -31,11 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="vaswani")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--queries", type=int, default=20)
-    parser.add_argument("--depth", type=int, default=50)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
+    add_scoring_args(parser)
     args = parser.parse_args()
 
     from sentence_transformers import CrossEncoder as STCrossEncoder

@@ -224,13 +224,18 @@ class Trainer:
         try:
             return self._run()
         except BaseException:
-            for module, attribute, value in self._dropouts:
-                setattr(module, attribute, value)
-            for param in self._frozen:
-                param.requires_grad_(True)
-            self.ce.model = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
-            self.ce.model.eval()
+            self._hand_back()
             raise
+
+    def _hand_back(self) -> None:
+        """Gives the CrossEncoder its model back unwrapped, in eval mode, with the model's own
+        dropout and every parameter trainable again."""
+        for module, attribute, value in self._dropouts:
+            setattr(module, attribute, value)
+        for param in self._frozen:
+            param.requires_grad_(True)
+        self.ce.model = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+        self.ce.model.eval()
 
     def _run(self) -> TrainingLog:
         self._check_same_data()
@@ -271,14 +276,9 @@ class Trainer:
                 if stop or done:
                     break
         progress.close()
-        for module, attribute, value in self._dropouts:
-            setattr(module, attribute, value)
-        for param in self._frozen:
-            param.requires_grad_(True)
         if self.checkpoint_dir and not self.s.checkpoint_every and self.valid is None:
             self._save_checkpoint()
-        self.ce.model = acc.unwrap_model(self.model, keep_fp32_wrapper=False)
-        self.ce.model.eval()
+        self._hand_back()
         self._restore_best()
         self.log.write(event="end", step=self.step, best=self.best, best_step=self.best_step,
                        elapsed_s=round(time.perf_counter() - started, 3))
