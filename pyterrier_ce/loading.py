@@ -1,7 +1,9 @@
 """Loading any Hugging Face encoder as a one-logit cross-encoder."""
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from typing import Optional, Tuple, Union
 
 import torch
@@ -69,15 +71,49 @@ def _load(model: ModelLike, *, trust_remote_code: bool, torch_dtype: Optional[to
             # A bare encoder or a multi-label classifier: keep the encoder, start a one-logit head.
             config.num_labels = 1
             config.problem_type = None
-            loaded = AutoModelForSequenceClassification.from_pretrained(
-                name, config=config, ignore_mismatched_sizes=True, **kwargs
-            )
+            with _quiet_transformers():  # its load report lists the new head, which is expected
+                loaded, info = AutoModelForSequenceClassification.from_pretrained(
+                    name, config=config, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
+                )
+            _warn_missing_encoder_weights(name, loaded, info)
             identity_untrained_pooler(loaded)
     except OSError as err:
         if "safetensors" in str(err) or ".bin" in str(err):
             raise OSError(f"{name}: {_CONVERT_HINT} ({err})") from err
         raise
     return loaded, name
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silences transformers' logging and progress bars for one load."""
+    verbosity = transformers.utils.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def _warn_missing_encoder_weights(name: str, model: PreTrainedModel, info: dict) -> None:
+    """A new head is expected to be missing; missing encoder weights are not, and are named."""
+    missing = sorted(k for k in (set(info.get("missing_keys", ())) | {k[0] if isinstance(k, tuple) else k
+                                                                     for k in info.get("mismatched_keys", ())})
+                     if not _is_head_key(k, model))
+    if missing:
+        warnings.warn(
+            f"{name}: {len(missing)} encoder weight(s) were not in the checkpoint and start random, "
+            f"e.g. {missing[:3]}; check that the folder holds the encoder you meant.",
+            UserWarning, stacklevel=4,
+        )
+
+
+def _is_head_key(key: str, model: PreTrainedModel) -> bool:
+    return not key.startswith(model.base_model_prefix + ".") or ".pooler." in key
 
 
 _CONVERT_HINT = (

@@ -48,7 +48,8 @@ class CrossEncoder(pt.Estimator):
             ModernBERT, ...) gets one, freshly initialised.
         tokenizer: A tokenizer, or its name or folder; defaults to the model's.
         batch_size: Pairs per forward pass when scoring.
-        max_length: Token budget of a (query, text) pair (default: the model's limit, at most 512).
+        max_length: Token budget of a (query, text) pair (default: the one saved with the model by
+            :meth:`save_pretrained`, else the model's limit, at most 512).
         text_field: The column holding the document text.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...; ``None`` picks CUDA when present.
         precision: ``"auto"`` (bf16/fp16 on GPU, fp32 on CPU), ``"fp32"``, ``"bf16"``, ``"fp16"``,
@@ -59,6 +60,10 @@ class CrossEncoder(pt.Estimator):
         num_layers: Build a smaller student from ``num_layers`` of the backbone's layers, evenly
             spaced from the first (6 -> 3 keeps layers 0, 2, 4), as DistilBERT did.
         layers: Or name the backbone layers to keep (0-based, increasing).
+        compile_model: Score through ``torch.compile(model, dynamic=True)``: the first batch
+            compiles (tens of seconds), later ones run the compiled graph. Where compilation fails
+            (no C++ compiler, say) scoring falls back to eager mode with one warning. Training and
+            saving use the plain model; scores agree with eager ones up to float rounding.
         **settings: Training settings used by :meth:`fit` (see :class:`TrainingSettings`), e.g.
             ``objective="infonce", group_size=8, lr=1e-4``.
     """
@@ -77,6 +82,7 @@ class CrossEncoder(pt.Estimator):
         trust_remote_code: bool = False,
         num_layers: Optional[int] = None,
         layers: Optional[list] = None,
+        compile_model: bool = False,
         **settings: Any,
     ):
         if precision not in scoring.PRECISIONS:
@@ -96,11 +102,14 @@ class CrossEncoder(pt.Estimator):
         self.model.to(self.device).eval()
         self.tokenizer = load_tokenizer(tokenizer, self._name, trust_remote_code=trust_remote_code)
         self.batch_size = batch_size
+        if max_length is None:  # a model saved by save_pretrained scores as it did before
+            max_length = (getattr(self.model.config, _CONFIG_KEY, None) or {}).get("max_length")
         self.max_length = self._check_max_length(max_length)
         self.text_field = text_field
         self.precision = precision
         self.verbose = verbose
         self.trust_remote_code = trust_remote_code
+        self.compile_model = compile_model
         self.settings = TrainingSettings().updated(**settings)
         self.history = None  # the TrainingLog of the last fit
         # A built model may carry any weights, so its identity is its weights.
@@ -191,10 +200,18 @@ class CrossEncoder(pt.Estimator):
             self._int8 = (key, scoring.quantized_copy(self.model))
         return self._int8[1]
 
+    def _compiled(self, model: torch.nn.Module) -> scoring.CompiledModel:
+        """The compiled forward of ``model``, kept while ``model`` is the one that scores."""
+        compiled = getattr(self, "_compiled_model", None)
+        if compiled is None or compiled.model is not model:
+            compiled = self._compiled_model = scoring.CompiledModel(model)
+        return compiled
+
     def score_pairs(self, queries, texts, *, desc: str = "CrossEncoder") -> np.ndarray:
         """Raw scores of (query, text) pairs, in input order (see :func:`scoring.score_pairs`)."""
+        model = self._scoring_model()
         return scoring.score_pairs(
-            self._scoring_model(),
+            model,
             self.tokenizer,
             queries,
             texts,
@@ -204,6 +221,7 @@ class CrossEncoder(pt.Estimator):
             precision=self.precision,
             verbose=self.verbose,
             desc=desc,
+            forward=self._compiled(model) if self.compile_model else None,
         )
 
     def transform(self, inp: pd.DataFrame) -> pd.DataFrame:

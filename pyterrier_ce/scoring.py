@@ -2,12 +2,16 @@
 
 Pairs are tokenised once, sorted by token length so that each batch pads to nearly the same
 length, run under ``torch.inference_mode`` (with bf16/fp16 autocast on GPU), and the scores are
-put back in input order.
+put back in input order. The next chunk of pairs is tokenised in a background thread while the
+current one is scored, and a batch that runs out of memory is split in halves and retried.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List, Optional, Sequence, Union
+import gc
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import pyterrier as pt
@@ -19,6 +23,23 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 # Pairs tokenised at a time: bounds memory for millions of pairs while sorting enough of them
 # together that batches pad little.
 CHUNK_SIZE = 16_384
+
+# Messages of out-of-memory errors raised as plain RuntimeErrors (older CUDA paths, the CPU allocator).
+_OOM_MESSAGES = ("out of memory", "can't allocate memory")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an out-of-memory error of PyTorch (CUDA or CPU allocator)."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err) for m in _OOM_MESSAGES)
+
+
+def free_memory(device: Optional[torch.device]) -> None:
+    """Frees what an out-of-memory error left behind, so that a retry finds the memory."""
+    gc.collect()  # tensors held by reference cycles through the error's traceback
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def resolve_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
@@ -147,6 +168,69 @@ def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> Iterator[np.n
         yield order[start:start + batch_size]
 
 
+class CompiledModel:
+    """Runs ``model`` through ``torch.compile(model, dynamic=True)``, falling back to eager mode.
+
+    Compilation happens on the first call (and again when new shapes or modes need it). Where it
+    fails (no C++ compiler, a model the compiler cannot handle), the batch runs eagerly, one
+    warning says why, and every later call runs eagerly. ``model`` itself is left as it is, so
+    training and saving use the plain module.
+
+    Args:
+        model: The module to compile.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.eager = False  # set once compilation has failed
+        self._compiled: Optional[Callable[..., Any]] = None
+
+    def __call__(self, **inputs: torch.Tensor) -> Any:
+        if self.eager:
+            return self.model(**inputs)
+        try:
+            if self._compiled is None:
+                self._compiled = torch.compile(self.model, dynamic=True)
+            return self._compiled(**inputs)
+        except Exception as err:  # the compiler's errors have no common base class
+            if is_out_of_memory(err):
+                raise  # the caller splits the batch
+            reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+        # A batch that fails eagerly too is the model's or the input's error: it propagates as is.
+        out = self.model(**inputs)
+        self.eager = True
+        warnings.warn(
+            f"torch.compile could not compile the model ({reason}); scoring without compilation. "
+            f"Compilation needs a working C++ compiler (gcc or clang) on the CPU and Triton on GPUs; "
+            f"pass compile_model=False to skip the attempt.",
+            stacklevel=2,
+        )
+        return out
+
+
+def _tokenized_chunks(tokenize: Callable[[int], Dict[str, List[List[int]]]],
+                      starts: Sequence[int]) -> Iterator[tuple]:
+    """Yields ``(start, tokenize(start))`` for each chunk start, tokenising the next chunk in a
+    background thread while the caller scores the current one.
+
+    Fast tokenizers release the GIL while they encode, so tokenisation overlaps model compute.
+    A tokenisation error is raised here, in the caller's thread.
+    """
+    if len(starts) == 1:
+        yield starts[0], tokenize(starts[0])
+        return
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyterrier-ce-tokenize")
+    try:
+        pending = pool.submit(tokenize, starts[0])
+        for i, start in enumerate(starts):
+            encoded = pending.result()  # re-raises the worker's exception
+            if i + 1 < len(starts):
+                pending = pool.submit(tokenize, starts[i + 1])
+            yield start, encoded
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def score_pairs(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -159,8 +243,12 @@ def score_pairs(
     precision: str = "auto",
     verbose: bool = False,
     desc: str = "scoring",
+    forward: Optional[Callable[..., Any]] = None,
 ) -> np.ndarray:
     """Scores each (query, text) pair with ``model``'s single logit.
+
+    A batch that runs out of memory is split in halves, each retried (down to single pairs), and
+    the smaller batch size is kept for the rest of the call; one warning then names it.
 
     Args:
         model: A one-logit sequence-classification model.
@@ -173,9 +261,14 @@ def score_pairs(
         precision: ``"auto" | "fp32" | "bf16" | "fp16"``.
         verbose: Show a ``pt.tqdm`` progress bar.
         desc: Label of the progress bar.
+        forward: What runs a padded batch (keyword tensors) and returns an output with
+            ``.logits``; defaults to ``model`` (e.g. a :class:`CompiledModel` of it).
 
     Returns:
         A float32 array of raw logits, in input order.
+
+    Raises:
+        torch.OutOfMemoryError: A single pair does not fit in memory.
     """
     if len(queries) != len(texts):
         raise ValueError(f"{len(queries)} queries but {len(texts)} texts: pairs must line up.")
@@ -187,22 +280,63 @@ def score_pairs(
     dtype = resolve_precision(precision, device)
     pad_id = pad_token_id(tokenizer)
     token_types = uses_token_types(model)
+    forward = forward or model
+    limit = batch_size  # lowered for the rest of the call when a batch runs out of memory
+
+    def tokenize(start: int) -> Dict[str, List[List[int]]]:
+        return tokenize_pairs(tokenizer, queries[start:start + CHUNK_SIZE], texts[start:start + CHUNK_SIZE], max_length)
+
+    def attempt(encoded: Dict[str, List[List[int]]], offset: int, rows: np.ndarray) -> None:
+        # A frame of its own: after an out-of-memory error nothing here outlives the traceback.
+        batch = {k: v.to(device, non_blocking=True) for k, v in pad_batch(encoded, rows, pad_id, token_types).items()}
+        logits = forward(**batch).logits
+        scores[offset + rows] = logits[:, 0].float().cpu().numpy()
+
+    def run(encoded: Dict[str, List[List[int]]], offset: int, rows: np.ndarray) -> None:
+        nonlocal limit
+        try:
+            attempt(encoded, offset, rows)
+            progress.update(len(rows))
+            return
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            if len(rows) == 1:
+                tokens = len(encoded["input_ids"][rows[0]])
+                raise torch.OutOfMemoryError(
+                    f"Out of memory scoring a single pair ({tokens} tokens) on {device}: lower max_length "
+                    f"(now {max_length}) or use a smaller precision ('bf16' or 'fp16' on a GPU, 'int8' on the "
+                    f"CPU), or free the memory held by other models and processes on {device}."
+                ) from err
+        # Retried outside the except block, whose traceback still references this batch's tensors.
+        free_memory(device)
+        limit = min(limit, (len(rows) + 1) // 2)
+        run_all(encoded, offset, rows)
+
+    def run_all(encoded: Dict[str, List[List[int]]], offset: int, rows: np.ndarray) -> None:
+        done = 0
+        while done < len(rows):  # in batches of the current limit, which an out-of-memory lowers
+            part = rows[done:done + limit]
+            run(encoded, offset, part)
+            done += len(part)
+
     was_training = model.training
     model.eval()
     progress = pt.tqdm(total=n, desc=desc, unit="pair", disable=not verbose)
+    chunks = _tokenized_chunks(tokenize, range(0, n, CHUNK_SIZE))
     try:
-        with torch.inference_mode(), autocast(device, dtype):
-            for chunk in range(0, n, CHUNK_SIZE):
-                encoded = tokenize_pairs(
-                    tokenizer, queries[chunk:chunk + CHUNK_SIZE], texts[chunk:chunk + CHUNK_SIZE], max_length
-                )
+        with torch.inference_mode(), autocast(device, dtype), contextlib.closing(chunks):
+            for start, encoded in chunks:
                 lengths = np.fromiter((len(x) for x in encoded["input_ids"]), dtype=np.int64)
-                for rows in length_sorted_batches(lengths, batch_size):
-                    batch = {k: v.to(device, non_blocking=True) for k, v in pad_batch(encoded, rows, pad_id, token_types).items()}
-                    logits = model(**batch).logits
-                    scores[chunk + rows] = logits[:, 0].float().cpu().numpy()
-                    progress.update(len(rows))
+                # longest first: an out-of-memory shows at once
+                run_all(encoded, start, np.argsort(-lengths, kind="stable"))
     finally:
         progress.close()
         model.train(was_training)
+    if limit < batch_size:
+        warnings.warn(
+            f"Scoring ran out of memory: the batch size was lowered from {batch_size} to {limit} for this call. "
+            f"Pass CrossEncoder(batch_size={limit}) (or a lower max_length) to score without the failed attempts.",
+            stacklevel=2,
+        )
     return scores

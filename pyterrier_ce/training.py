@@ -14,6 +14,7 @@ import math
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -101,7 +102,20 @@ def param_groups(model: torch.nn.Module, s: TrainingSettings, lr: float, head_lr
 
 # Pairs per forward pass in training: a micro-batch's pairs are run in length-sorted chunks of
 # this size, each padded only to its own longest pair, then put back in group order for the loss.
+# A trainer that runs out of memory halves its own copy (see Trainer._after_out_of_memory).
 FORWARD_CHUNK = 32
+
+
+def _rng_state(device: torch.device) -> tuple:
+    """The RNG state that dropout draws from on ``device`` (and the CPU's)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def dropout_overrides(model: torch.nn.Module, dropout: Optional[float],
@@ -176,6 +190,11 @@ class Trainer:
         self.best_step: Optional[int] = None
         self.evals_without_gain = 0
         self._best_state: Optional[Dict[str, torch.Tensor]] = None
+        # How micro-batches run; lowered for the rest of the run after an out-of-memory error.
+        self.forward_chunk = FORWARD_CHUNK
+        self.recompute = False  # one chunk's activations at a time (see _recomputed_loss)
+        self._phase = "forward"  # where an out-of-memory error came from
+        self._largest_pass = FORWARD_CHUNK  # pairs in the largest forward pass of that micro-batch
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -293,22 +312,31 @@ class Trainer:
         acc, s = self.accelerator, self.s
         mine = batch[self.rank::self.world]  # this process's share of the global batch
         micro = [mine[i:i + s.train_batch_size] for i in range(0, len(mine), s.train_batch_size)]
-        total = 0.0
-        bad = None  # (micro-batch, loss, qids) of the first non-finite loss of this process
-        for i, groups in enumerate(micro):
-            encoded, targets, mask = collate(groups, self.ce.tokenizer, s.train_max_length or self.ce.max_length)
-            targets, mask = targets.to(acc.device), mask.to(acc.device)
-            sync = i == len(micro) - 1
-            context = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
-            with context, acc.autocast():
-                logits = self._pair_logits(encoded)
-                scores = torch.zeros(mask.shape, device=acc.device, dtype=logits.dtype).masked_scatter(mask, logits)
-                loss = self.objective(scores, targets, mask) / len(micro)
-            if bad is None and not torch.isfinite(loss):
-                bad = (i, loss.item(), [g.qid for g in groups])
-            # backward even so: under DDP the other processes wait for this one's gradients
-            acc.backward(loss)
-            total += loss.item()
+        rng = _rng_state(acc.device)  # a retried step draws the same dropout masks
+        before = (self.forward_chunk, self.recompute)
+        while True:
+            try:
+                total, bad = self._accumulate(micro)
+                break
+            except Exception as err:
+                if not scoring.is_out_of_memory(err):
+                    raise
+                self._after_out_of_memory(err)  # smaller forward passes, or an error that says what to do
+            # Out of the except block, the failed attempt's graph is gone; its partial gradients
+            # (a backward may have stopped half-way) are dropped and the whole step is redone.
+            self.optimizer.zero_grad(set_to_none=True)
+            scoring.free_memory(acc.device)
+            _set_rng_state(rng, acc.device)
+        if (self.forward_chunk, self.recompute) != before:
+            how = f"forward passes of at most {self.forward_chunk} pairs"
+            if self.recompute:
+                how += ", holding one forward pass's activations at a time (one more forward pass per step)"
+            warnings.warn(
+                f"Training ran out of memory at step {self.step + 1}; it goes on with {how}, with the same "
+                f"gradients. To avoid the failed attempts, lower train_batch_size and raise grad_accum_steps, or "
+                f"lower train_max_length.",
+                stacklevel=2,
+            )
         if self.world > 1:
             # The step's loss averaged over processes (equal shares of the groups, so the mean of the
             # global batch); one collective, after which all processes agree on whether to stop.
@@ -329,19 +357,130 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return total
 
+    def _accumulate(self, micro: List[List[Group]]) -> tuple:
+        """Forward and backward of every micro-batch of a step: (summed loss, first non-finite one)."""
+        acc, s = self.accelerator, self.s
+        total = 0.0
+        bad = None  # (micro-batch, loss, qids) of the first non-finite loss of this process
+        for i, groups in enumerate(micro):
+            encoded, targets, mask = collate(groups, self.ce.tokenizer, s.train_max_length or self.ce.max_length)
+            targets, mask = targets.to(acc.device), mask.to(acc.device)
+            self._phase = "forward"
+            self._largest_pass = min(self.forward_chunk, len(encoded["input_ids"]))
+            if self.recompute:
+                loss, backward = self._recomputed_loss(encoded, targets, mask, len(micro))
+            else:
+                sync = i == len(micro) - 1
+                context = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
+                with context, acc.autocast():
+                    logits = self._pair_logits(encoded)
+                    scores = torch.zeros(mask.shape, device=acc.device, dtype=logits.dtype).masked_scatter(mask, logits)
+                    loss = self.objective(scores, targets, mask) / len(micro)
+
+                def backward(loss: torch.Tensor = loss) -> None:
+                    acc.backward(loss)  # DDP decided at the forward pass whether this one syncs
+            if bad is None and not torch.isfinite(loss):
+                bad = (i, loss.item(), [g.qid for g in groups])
+            # backward even so: under DDP the other processes wait for this one's gradients
+            self._phase = "backward"
+            backward()
+            total += loss.item()
+        return total, bad
+
+    def _after_out_of_memory(self, err: BaseException) -> None:
+        """Runs the next attempt in smaller pieces, or raises an error that says what to do.
+
+        Out of memory in a forward pass halves the pairs per forward pass; in a backward pass (or
+        with single pairs per forward pass) micro-batches switch to :meth:`_recomputed_loss`,
+        which holds one chunk's activations at a time. Both give the same gradients.
+        """
+        device, budget = self.accelerator.device, self.s.train_max_length or self.ce.max_length
+        where = f"Out of memory in the {self._phase} pass of training step {self.step + 1} on {device}"
+        if self.world > 1:
+            # DDP needs one forward per backward and the same on every process: no splitting here.
+            raise torch.OutOfMemoryError(
+                f"{where} (one of {self.world} processes): lower train_batch_size and raise grad_accum_steps "
+                f"(the same groups per step), lower train_max_length (now {budget}), or use precision='bf16'."
+            ) from err
+        if self._phase == "backward" and not self.recompute:
+            self.recompute = True
+        elif self._largest_pass > 1:
+            self.forward_chunk = (self._largest_pass + 1) // 2
+        elif not self.recompute:
+            self.recompute = True
+        else:
+            raise torch.OutOfMemoryError(
+                f"{where}, with one pair per forward pass: lower train_max_length (now {budget}) or use "
+                f"precision='bf16', or free the memory held by other models and processes on {device}."
+            ) from err
+        self.log.write(event="out_of_memory", step=self.step + 1, phase=self._phase,
+                       forward_chunk=self.forward_chunk, recompute=self.recompute)
+
+    def _chunk_logits(self, encoded, rows: np.ndarray) -> torch.Tensor:
+        """Logits of the pairs ``rows`` of an encoding, in one forward pass."""
+        batch = scoring.pad_batch(encoded, rows, scoring.pad_token_id(self.ce.tokenizer), self.token_types)
+        return self.model(**{k: v.to(self.accelerator.device) for k, v in batch.items()}).logits[:, 0]
+
     def _pair_logits(self, encoded) -> torch.Tensor:
         """Logits of all pairs of a micro-batch, in input order, from length-sorted chunks."""
         lengths = np.fromiter((len(x) for x in encoded["input_ids"]), dtype=np.int64)
         # DDP expects one forward per backward: one chunk when training on several processes.
-        chunk = FORWARD_CHUNK if self.world == 1 else len(lengths)
+        chunk = self.forward_chunk if self.world == 1 else len(lengths)
         parts, order = [], []
         for rows in scoring.length_sorted_batches(lengths, chunk):
-            batch = scoring.pad_batch(encoded, rows, scoring.pad_token_id(self.ce.tokenizer), self.token_types)
-            parts.append(self.model(**{k: v.to(self.accelerator.device) for k, v in batch.items()}).logits[:, 0])
+            parts.append(self._chunk_logits(encoded, rows))
             order.append(rows)
         inverse = np.empty(len(lengths), dtype=np.int64)
         inverse[np.concatenate(order)] = np.arange(len(lengths))
         return torch.cat(parts)[torch.from_numpy(inverse).to(self.accelerator.device)]
+
+    def _recomputed_loss(self, encoded, targets: torch.Tensor, mask: torch.Tensor, parts: int) -> tuple:
+        """The loss of a micro-batch, and its backward, holding one chunk's activations at a time.
+
+        All pairs are scored without a graph; the loss's gradient with respect to the scores is
+        taken; then each chunk is run again with a graph and that gradient is backpropagated
+        through it. By the chain rule the parameter gradients are those of one backward through
+        the whole micro-batch, for any objective (as in GradCache, Gao et al. 2021), at the cost
+        of a second forward pass. Each chunk replays its RNG state, so dropout masks agree.
+
+        Returns:
+            ``(loss, backward)``: the loss (divided by ``parts``) and a function that
+            accumulates its gradients into the model's.
+        """
+        acc = self.accelerator
+        lengths = np.fromiter((len(x) for x in encoded["input_ids"]), dtype=np.int64)
+        chunks = list(scoring.length_sorted_batches(lengths, self.forward_chunk))
+        states, outputs = [], []
+        with torch.no_grad(), acc.autocast():
+            for rows in chunks:
+                states.append(_rng_state(acc.device))
+                outputs.append(self._chunk_logits(encoded, rows))
+        after = _rng_state(acc.device)
+        order = torch.from_numpy(np.concatenate(chunks)).to(acc.device)
+        # fp32 leaf: the loss's gradient does not underflow in fp16; objectives compute in fp32 anyway
+        logits = torch.empty(len(lengths), device=acc.device, dtype=torch.float32)
+        logits[order] = torch.cat(outputs).float()
+        logits.requires_grad_(True)
+        with acc.autocast():
+            scores = torch.zeros(mask.shape, device=acc.device, dtype=logits.dtype).masked_scatter(mask, logits)
+            loss = self.objective(scores, targets, mask) / parts
+        (grad,) = torch.autograd.grad(loss, logits)
+        loss = loss.detach()
+
+        def backward() -> None:
+            start = 0
+            for rows, state in zip(chunks, states):
+                _set_rng_state(state, acc.device)
+                index = order[start:start + len(rows)]
+                start += len(rows)
+                with acc.autocast():
+                    out = self._chunk_logits(encoded, rows)
+                    # d/dθ of Σ out·grad is Σ grad·d(out)/dθ: this chunk's share of the loss's gradient
+                    surrogate = (out.float() * grad[index]).sum()
+                acc.backward(surrogate)
+            _set_rng_state(after, acc.device)
+
+        return loss, backward
 
     # -- validation -------------------------------------------------------------------------
 

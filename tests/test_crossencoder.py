@@ -1,6 +1,8 @@
 """CrossEncoder as a PyTerrier reranker, on tiny random encoders."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pyterrier as pt
@@ -258,3 +260,20 @@ def test_int8_scoring_is_close_and_follows_training(tiny_model_dir, pairs_frame)
     with pytest.raises(ValueError, match="int8.*runs on the CPU"):
         from pyterrier_ce.scoring import resolve_precision
         resolve_precision("int8", torch.device("cuda"))
+
+
+def test_new_head_is_quiet_but_missing_encoder_weights_are_named(tiny_tokenizer, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    encoder = transformers.BertModel(tiny_config("bert", len(tiny_tokenizer)))
+    folder = save_tiny(tmp_path / "bare", tiny_tokenizer, encoder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the expected new head warns of nothing
+        CrossEncoder(str(folder), max_length=64)
+    weights = load_file(folder / "model.safetensors")
+    dropped = next(k for k in weights if "layer.1.output.dense.weight" in k)
+    del weights[dropped]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=r"1 encoder weight\(s\) were not in the checkpoint.*layer\.1\.output\.dense"):
+        CrossEncoder(str(folder), max_length=64)

@@ -219,6 +219,10 @@ def test_gradient_accumulation_matches_a_big_batch(tmp_path, tiny_tokenizer, tas
     # float noise (which Adam amplifies on near-zero gradients)
     np.testing.assert_allclose(big.history.frame("step")["loss"], small.history.frame("step")["loss"], rtol=1e-5)
     for (name, a), b in zip(big.model.state_dict().items(), small.model.state_dict().values()):
+        if name == "classifier.bias":
+            # InfoNCE is blind to a shift shared by a group: this gradient is zero up to rounding,
+            # which Adam scales up to steps of about lr either way
+            continue
         assert (a - b).abs().max().item() < 3e-4, name
 
 

@@ -23,6 +23,9 @@ def test_round_trip_keeps_scores_and_settings(tiny_encoder_dir, tmp_path, pairs_
     assert (again.max_length, again.text_field) == (48, "body")
     np.testing.assert_allclose(again(frame)["score"].to_numpy(), before["score"].to_numpy(), atol=1e-6)
     assert CrossEncoder.from_pretrained(tmp_path / "model", max_length=32).max_length == 32
+    # the constructor too scores a saved model at its saved budget unless told otherwise
+    assert CrossEncoder(str(tmp_path / "model")).max_length == 48
+    assert CrossEncoder(str(tmp_path / "model"), max_length=40).max_length == 40
 
 
 def test_transformers_loads_the_same_logits(tiny_encoder_dir, tmp_path, pairs_frame):
