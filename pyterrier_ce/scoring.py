@@ -168,6 +168,40 @@ def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> Iterator[np.n
         yield order[start:start + batch_size]
 
 
+# A forward pass costs about as much as this many extra padded tokens (kernel launches, Python).
+PASS_OVERHEAD_TOKENS = 128
+
+
+def padded_chunks(lengths: np.ndarray, max_pairs: int, max_tokens: int) -> List[np.ndarray]:
+    """Row indices split into forward passes that pad little: longest first, each pass at most
+    ``max_pairs`` pairs and ``max_tokens`` padded tokens (a single longer pair runs alone).
+
+    A few hundred pairs of mixed lengths (a training step) cannot be sorted into batches of
+    near-equal length the way millions of scored pairs can; fixed-size batches of them would pad
+    the long tail to its longest pair. The split points are chosen by dynamic programming to
+    minimise the padded tokens plus :data:`PASS_OVERHEAD_TOKENS` per pass.
+    """
+    order = np.argsort(-lengths, kind="stable")
+    sorted_lengths = lengths[order]
+    n = len(order)
+    cost = np.full(n + 1, np.inf)
+    cost[0] = 0.0
+    start_of = np.zeros(n + 1, dtype=np.int64)
+    for end in range(1, n + 1):
+        for start in range(end - 1, max(end - max_pairs, 0) - 1, -1):
+            padded = (end - start) * sorted_lengths[start]  # longest first: the pass pads to its first pair
+            if padded > max_tokens and end - start > 1:
+                break
+            total = cost[start] + padded + PASS_OVERHEAD_TOKENS
+            if total < cost[end]:
+                cost[end], start_of[end] = total, start
+    chunks, end = [], n
+    while end > 0:
+        chunks.append(order[start_of[end]:end])
+        end = start_of[end]
+    return chunks[::-1]
+
+
 class CompiledModel:
     """Runs ``model`` through ``torch.compile(model, dynamic=True)``, falling back to eager mode.
 

@@ -100,10 +100,12 @@ def param_groups(model: torch.nn.Module, s: TrainingSettings, lr: float, head_lr
     return list(groups.values())
 
 
-# Pairs per forward pass in training: a micro-batch's pairs are run in length-sorted chunks of
-# this size, each padded only to its own longest pair, then put back in group order for the loss.
-# A trainer that runs out of memory halves its own copy (see Trainer._after_out_of_memory).
+# Pairs and padded tokens per forward pass in training: a micro-batch's pairs are run in
+# length-sorted chunks of at most this size (see scoring.padded_chunks), each padded only to its
+# own longest pair, then put back in group order for the loss. A trainer that runs out of memory
+# halves its own pair limit (see Trainer._after_out_of_memory).
 FORWARD_CHUNK = 32
+FORWARD_TOKENS = 8192
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -425,9 +427,13 @@ class Trainer:
         """Logits of all pairs of a micro-batch, in input order, from length-sorted chunks."""
         lengths = np.fromiter((len(x) for x in encoded["input_ids"]), dtype=np.int64)
         # DDP expects one forward per backward: one chunk when training on several processes.
-        chunk = self.forward_chunk if self.world == 1 else len(lengths)
+        if self.world == 1:
+            chunks = scoring.padded_chunks(lengths, self.forward_chunk, FORWARD_TOKENS)
+        else:
+            chunks = [np.arange(len(lengths))]
+        self._largest_pass = max(len(rows) for rows in chunks)
         parts, order = [], []
-        for rows in scoring.length_sorted_batches(lengths, chunk):
+        for rows in chunks:
             parts.append(self._chunk_logits(encoded, rows))
             order.append(rows)
         inverse = np.empty(len(lengths), dtype=np.int64)
@@ -449,7 +455,8 @@ class Trainer:
         """
         acc = self.accelerator
         lengths = np.fromiter((len(x) for x in encoded["input_ids"]), dtype=np.int64)
-        chunks = list(scoring.length_sorted_batches(lengths, self.forward_chunk))
+        chunks = scoring.padded_chunks(lengths, self.forward_chunk, FORWARD_TOKENS)
+        self._largest_pass = max(len(rows) for rows in chunks)
         states, outputs = [], []
         with torch.no_grad(), acc.autocast():
             for rows in chunks:

@@ -380,3 +380,21 @@ def test_compiled_scores_match_eager(tiny_model_dir, pairs_frame, tmp_path):
     compiled.save_pretrained(tmp_path / "saved")
     np.testing.assert_allclose(CrossEncoder.from_pretrained(tmp_path / "saved")(pairs_frame)["score"],
                                expected["score"], rtol=0, atol=1e-6)
+
+
+def test_padded_chunks_cover_every_pair_within_limits_and_pad_less():
+    from pyterrier_ce.scoring import length_sorted_batches, padded_chunks
+
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([rng.integers(60, 160, 56), rng.integers(300, 512, 8)])  # a long tail
+    chunks = padded_chunks(lengths, max_pairs=32, max_tokens=8192)
+    rows = np.concatenate(chunks)
+    assert sorted(rows.tolist()) == list(range(len(lengths)))  # every pair once
+    for chunk in chunks:
+        assert len(chunk) <= 32
+        assert len(chunk) == 1 or len(chunk) * lengths[chunk].max() <= 8192
+    padded = sum(len(c) * lengths[c].max() for c in chunks)
+    fixed = sum(len(c) * lengths[c].max() for c in length_sorted_batches(lengths, 32))
+    assert padded < 0.85 * fixed
+    # a pair longer than the token budget runs alone instead of failing
+    assert [len(c) for c in padded_chunks(np.array([9000, 10, 10]), 32, 8192)] == [1, 2]
