@@ -23,7 +23,8 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest", "sentence-transformers>=4", "pyterrier-caching", "matplotlib", "tabulate"],
+        "test": ["pytest", "sentence-transformers>=4", "pyterrier-caching", "matplotlib", "tabulate",
+                 "nbclient", "nbformat", "ipykernel"],  # the notebooks run in tests/test_notebooks.py
         "bench": ["sentence-transformers>=4", "datasets", "tabulate", "matplotlib"],
         "notebooks": ["jupyter", "nbconvert", "matplotlib", "tabulate", "sentence-transformers>=4"],
     },

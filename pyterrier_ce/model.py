@@ -31,6 +31,19 @@ def _distributed_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _folder_fingerprint(folder: str) -> Optional[str]:
+    """A short hash of the names, sizes and modification times of a local folder's weight files
+    (``None`` for a hub name): cheap for any model size, and new whenever the weights are rewritten."""
+    if not os.path.isdir(folder):
+        return None
+    digest = hashlib.blake2b(digest_size=8)
+    for name in sorted(os.listdir(folder)):
+        if name.endswith((".safetensors", ".safetensors.index.json")):
+            stat = os.stat(os.path.join(folder, name))
+            digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()
+
+
 class CrossEncoder(pt.Estimator):
     """A transformer cross-encoder that scores (query, text) pairs: a PyTerrier reranker.
 
@@ -112,8 +125,13 @@ class CrossEncoder(pt.Estimator):
         self.compile_model = compile_model
         self.settings = TrainingSettings().updated(**settings)
         self.history = None  # the TrainingLog of the last fit
-        # A built model may carry any weights, so its identity is its weights.
-        self._fingerprint: Optional[str] = None if isinstance(model, (str, os.PathLike)) else self.weights_fingerprint()
+        # A built model may carry any weights, so its identity is its weights; a local folder's
+        # are its weight files as they are now (a model retrained into the same folder is another
+        # model, e.g. to the teacher-score cache); a hub name is its own identity.
+        if isinstance(model, (str, os.PathLike)):
+            self._fingerprint: Optional[str] = _folder_fingerprint(os.fspath(model))
+        else:
+            self._fingerprint = self.weights_fingerprint()
 
     def _check_max_length(self, max_length: Optional[int], name: str = "max_length") -> int:
         limit = getattr(self.model.config, "max_position_embeddings", None)

@@ -125,6 +125,19 @@ def test_equality_follows_model_identity(tiny_model_dir, tiny_encoder_dir):
     assert len({a, b}) == 1
 
 
+def test_a_folder_rewritten_with_new_weights_is_another_model(tiny_model_dir, tmp_path):
+    CrossEncoder(str(tiny_model_dir), max_length=64).save_pretrained(tmp_path / "m")
+    before = CrossEncoder(str(tmp_path / "m"))
+    assert before == CrossEncoder(str(tmp_path / "m"))
+    changed = CrossEncoder(str(tmp_path / "m"))
+    with torch.no_grad():
+        changed.model.classifier.bias += 1.0
+    changed.save_pretrained(tmp_path / "m")  # e.g. a teacher retrained into the same folder
+    after = CrossEncoder(str(tmp_path / "m"))
+    # caches keyed by the reranker (teacher scores, pyterrier-caching) must not serve old scores
+    assert before != after and repr(before) != repr(after)
+
+
 def test_new_head_is_deterministic(tiny_encoder_dir, pairs_frame):
     one = CrossEncoder(str(tiny_encoder_dir), max_length=64)(pairs_frame)
     two = CrossEncoder(str(tiny_encoder_dir), max_length=64)(pairs_frame)
