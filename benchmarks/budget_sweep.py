@@ -44,8 +44,10 @@ def main() -> None:
     parser.add_argument("--final", action="store_true", help="evaluate on SQuAD test + TREC DL 2019 instead of dev")
     parser.add_argument("--test-queries", type=int, default=300)
     parser.add_argument("--final-dl", default="trec_dl_2019,trec_dl_2020", help="TREC DL sets of --final")
-    parser.add_argument("--identity-pooler", action="store_true", help="start an untrained pooler as the identity")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--save-model", default=None, help="save the trained model in this folder")
+    parser.add_argument("--model", default=None, help="evaluate this saved model instead of training one")
+    parser.add_argument("--eval-precision", default=None, help="scoring precision of the evaluation, e.g. bf16")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "budget"))
     args = parser.parse_args()
     out = Path(args.out)
@@ -55,26 +57,34 @@ def main() -> None:
 
     squad = BeirDataset(DATA / "squad")
     bm25 = bm25_pipeline(squad, workdir, args.train_depth)
-    topics = squad.get_topics("train").sample(n=args.train_queries, random_state=args.seed)
-    with quiet_native_output():
-        candidates = bm25(topics)
+    if not args.model:
+        topics = squad.get_topics("train").sample(n=args.train_queries, random_state=args.seed)
+        with quiet_native_output():
+            candidates = bm25(topics)
     extra = {} if args.max_length is None else {"max_length": args.max_length}
-    ce = CrossEncoder(minilm_path(), seed=args.seed, **extra, **settings)
-    if args.identity_pooler:
-        from pyterrier_ce.loading import identity_untrained_pooler
-
-        assert identity_untrained_pooler(ce.model)
-    (out / f"{args.name}.log.jsonl").unlink(missing_ok=True)
-    start = time.perf_counter()
-    ce.fit(candidates, squad.get_qrels("train"), log_file=str(out / f"{args.name}.log.jsonl"))
-    train_min = (time.perf_counter() - start) / 60
-    steps = ce.history.frame("step")
-    row = {"name": args.name, "settings": settings, "max_length": ce.max_length, "train_queries": args.train_queries,
-           "used_queries": int(steps["groups"].iloc[-1]), "steps": len(steps), "train_min": round(train_min, 2),
-           "loss_first50": round(float(steps["loss"].head(50).mean()), 4),
-           "loss_last50": round(float(steps["loss"].tail(50).mean()), 4)}
+    if args.model:
+        ce = CrossEncoder(args.model, **extra)
+        row = {"name": args.name, "model": args.model, "max_length": ce.max_length}
+    else:
+        ce = CrossEncoder(minilm_path(), seed=args.seed, **extra, **settings)
+        (out / f"{args.name}.log.jsonl").unlink(missing_ok=True)
+        start = time.perf_counter()
+        ce.fit(candidates, squad.get_qrels("train"), log_file=str(out / f"{args.name}.log.jsonl"))
+        train_min = (time.perf_counter() - start) / 60
+        steps = ce.history.frame("step")
+        row = {"name": args.name, "settings": settings, "max_length": ce.max_length, "train_queries": args.train_queries,
+               "used_queries": int(steps["groups"].iloc[-1]), "steps": len(steps), "train_min": round(train_min, 2),
+               "s_per_step": round(60 * train_min / len(steps), 2),
+               "loss_first50": round(float(steps["loss"].head(50).mean()), 4),
+               "loss_last50": round(float(steps["loss"].tail(50).mean()), 4)}
+        if args.save_model:
+            ce.save_pretrained(args.save_model)
+    if args.eval_precision:
+        ce.precision = args.eval_precision
+        row["eval_precision"] = args.eval_precision
     if not args.final:
-        dev = squad.get_topics("dev").sample(n=args.dev_queries, random_state=args.seed)
+        dev = squad.get_topics("dev")
+        dev = dev.sample(n=min(args.dev_queries, len(dev)), random_state=args.seed)
         with quiet_native_output():
             first = pt.Transformer.from_df(bm25(dev))
         t = time.perf_counter()

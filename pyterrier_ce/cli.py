@@ -45,7 +45,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     demo.add_argument("--train-queries", type=int, default=DemoConfig.train_queries)
     demo.add_argument("--test-queries", type=int, default=300)
     demo.add_argument("--max-length", type=int, default=DemoConfig.max_length,
-                      help="token budget of a (question, passage) pair")
+                      help="token budget of a (question, passage) pair (default: the model's limit, 512 for "
+                           "all-MiniLM-L6-v2)")
     demo.add_argument("--seed", type=int, default=42)
     demo.set_defaults(run=_demo)
     run = commands.add_parser(

@@ -64,12 +64,12 @@ class DemoConfig:
     data: Path
     workdir: Path
     model: str
-    train_queries: int = 2800
+    train_queries: int = 1800
     train_depth: int = 20
     test_queries: int = 300
     test_depth: int = 20
     seed: int = 42
-    max_length: int = 160
+    max_length: Optional[int] = None  # the model's limit: SQuAD paragraphs run to ~600 tokens
     settings: Optional[dict] = None
 
 
