@@ -103,7 +103,7 @@ def _warn_missing_encoder_weights(name: str, model: PreTrainedModel, info: dict)
     """A new head is expected to be missing; missing encoder weights are not, and are named."""
     missing = sorted(k for k in (set(info.get("missing_keys", ())) | {k[0] if isinstance(k, tuple) else k
                                                                      for k in info.get("mismatched_keys", ())})
-                     if not _is_head_key(k, model))
+                     if not is_head_parameter(k, model))
     if missing:
         warnings.warn(
             f"{name}: {len(missing)} encoder weight(s) were not in the checkpoint and start random, "
@@ -112,8 +112,9 @@ def _warn_missing_encoder_weights(name: str, model: PreTrainedModel, info: dict)
         )
 
 
-def _is_head_key(key: str, model: PreTrainedModel) -> bool:
-    return not key.startswith(model.base_model_prefix + ".") or ".pooler." in key
+def is_head_parameter(name: str, model: torch.nn.Module) -> bool:
+    """The classification head and the pooler feeding it: parts that start untrained for ranking."""
+    return not name.startswith(model.base_model_prefix + ".") or ".pooler." in name
 
 
 _CONVERT_HINT = (

@@ -161,13 +161,6 @@ def pad_batch(
     return {k: torch.from_numpy(v) for k, v in batch.items()}
 
 
-def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    """Row indices in batches of ``batch_size``, longest first (an out-of-memory shows at once)."""
-    order = np.argsort(-lengths, kind="stable")
-    for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
-
-
 # A forward pass costs about as much as this many extra padded tokens (kernel launches, Python).
 PASS_OVERHEAD_TOKENS = 128
 

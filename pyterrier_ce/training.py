@@ -31,6 +31,7 @@ from . import scoring
 from .allocator import keep_freed_memory
 from .atomic import recover_dir, replace_dir
 from .history import TrainingLog
+from .loading import is_head_parameter
 from .sampling import Group, GroupSampler
 from .settings import TrainingSettings, resolve_lrs
 
@@ -64,11 +65,6 @@ def _depth(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
-def _is_head(name: str, model: torch.nn.Module) -> bool:
-    """The classification head and the pooler feeding it: parts that start untrained for ranking."""
-    return not name.startswith(model.base_model_prefix + ".") or ".pooler." in name
-
-
 def frozen_parameters(model: torch.nn.Module, frozen_layers: Optional[int]) -> List[torch.nn.Parameter]:
     """The embeddings' and the first ``frozen_layers`` encoder layers' parameters (none for None)."""
     if frozen_layers is None:
@@ -78,7 +74,7 @@ def frozen_parameters(model: torch.nn.Module, frozen_layers: Optional[int]) -> L
         raise ValueError(f"frozen_layers={frozen_layers} would freeze every one of the model's {num_layers} "
                          f"layers: give at most {num_layers - 1}.")
     return [p for name, p in model.named_parameters()
-            if not _is_head(name, model) and _depth(name, num_layers) <= frozen_layers]
+            if not is_head_parameter(name, model) and _depth(name, num_layers) <= frozen_layers]
 
 
 def param_groups(model: torch.nn.Module, s: TrainingSettings, lr: float, head_lr: float) -> List[Dict[str, Any]]:
@@ -90,7 +86,7 @@ def param_groups(model: torch.nn.Module, s: TrainingSettings, lr: float, head_lr
         if not param.requires_grad:
             continue
         decay = 0.0 if param.ndim < 2 or "norm" in name.lower() else s.weight_decay
-        if _is_head(name, model):
+        if is_head_parameter(name, model):
             rate = head_lr
         elif s.layer_decay:
             rate = lr * s.layer_decay ** (num_layers + 1 - _depth(name, num_layers))
