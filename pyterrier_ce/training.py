@@ -214,6 +214,7 @@ class Trainer:
         # Validation scores on this process's device (cuda:RANK under accelerate launch).
         self.ce.device = self.accelerator.device
         self.token_types = scoring.uses_token_types(self.ce.model)
+        self.pad_id = scoring.pad_token_id(self.ce.tokenizer)
 
     def _check_same_data(self) -> None:
         """Under several processes, refuses training groups that differ between them: each
@@ -364,7 +365,6 @@ class Trainer:
             encoded, targets, mask = collate(groups, self.ce.tokenizer, s.train_max_length or self.ce.max_length)
             targets, mask = targets.to(acc.device), mask.to(acc.device)
             self._phase = "forward"
-            self._largest_pass = min(self.forward_chunk, len(encoded["input_ids"]))
             if self.recompute:
                 loss, backward = self._recomputed_loss(encoded, targets, mask, len(micro))
             else:
@@ -416,24 +416,27 @@ class Trainer:
 
     def _chunk_logits(self, encoded, rows: np.ndarray) -> torch.Tensor:
         """Logits of the pairs ``rows`` of an encoding, in one forward pass."""
-        batch = scoring.pad_batch(encoded, rows, scoring.pad_token_id(self.ce.tokenizer), self.token_types)
+        batch = scoring.pad_batch(encoded, rows, self.pad_id, self.token_types)
         return self.model(**{k: v.to(self.accelerator.device) for k, v in batch.items()}).logits[:, 0]
 
-    def _pair_logits(self, encoded) -> torch.Tensor:
-        """Logits of all pairs of a micro-batch, in input order, from length-sorted chunks."""
+    def _forward_passes(self, encoded) -> List[np.ndarray]:
+        """The micro-batch's pairs split into forward passes (see :func:`scoring.padded_chunks`)."""
         lengths = np.fromiter((len(x) for x in encoded["input_ids"]), dtype=np.int64)
-        # DDP expects one forward per backward: one chunk when training on several processes.
+        # DDP expects one forward per backward: one pass when training on several processes.
         if self.world == 1:
             chunks = scoring.padded_chunks(lengths, self.forward_chunk, FORWARD_TOKENS)
         else:
             chunks = [np.arange(len(lengths))]
-        self._largest_pass = max(len(rows) for rows in chunks)
-        parts, order = [], []
-        for rows in chunks:
-            parts.append(self._chunk_logits(encoded, rows))
-            order.append(rows)
-        inverse = np.empty(len(lengths), dtype=np.int64)
-        inverse[np.concatenate(order)] = np.arange(len(lengths))
+        self._largest_pass = max(len(rows) for rows in chunks)  # what an out-of-memory error halves
+        return chunks
+
+    def _pair_logits(self, encoded) -> torch.Tensor:
+        """Logits of all pairs of a micro-batch, in input order, from length-sorted chunks."""
+        chunks = self._forward_passes(encoded)
+        parts = [self._chunk_logits(encoded, rows) for rows in chunks]
+        order = np.concatenate(chunks)
+        inverse = np.empty(len(order), dtype=np.int64)
+        inverse[order] = np.arange(len(order))
         return torch.cat(parts)[torch.from_numpy(inverse).to(self.accelerator.device)]
 
     def _recomputed_loss(self, encoded, targets: torch.Tensor, mask: torch.Tensor, parts: int) -> tuple:
@@ -450,9 +453,7 @@ class Trainer:
             accumulates its gradients into the model's.
         """
         acc = self.accelerator
-        lengths = np.fromiter((len(x) for x in encoded["input_ids"]), dtype=np.int64)
-        chunks = scoring.padded_chunks(lengths, self.forward_chunk, FORWARD_TOKENS)
-        self._largest_pass = max(len(rows) for rows in chunks)
+        chunks = self._forward_passes(encoded)
         states, outputs = [], []
         with torch.no_grad(), acc.autocast():
             for rows in chunks:
@@ -461,7 +462,7 @@ class Trainer:
         after = _rng_state(acc.device)
         order = torch.from_numpy(np.concatenate(chunks)).to(acc.device)
         # fp32 leaf: the loss's gradient does not underflow in fp16; objectives compute in fp32 anyway
-        logits = torch.empty(len(lengths), device=acc.device, dtype=torch.float32)
+        logits = torch.empty(len(order), device=acc.device, dtype=torch.float32)
         logits[order] = torch.cat(outputs).float()
         logits.requires_grad_(True)
         with acc.autocast():
