@@ -66,7 +66,8 @@ def _load(model: ModelLike, *, trust_remote_code: bool, torch_dtype: Optional[to
         kwargs["dtype"] = torch_dtype
     try:
         if _has_one_logit_head(config):
-            loaded = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
+            with _quiet_transformers(report=True):  # a bar per load is noise in notebooks and logs
+                loaded = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
         else:
             # A bare encoder or a multi-label classifier: keep the encoder, start a one-logit head.
             config.num_labels = 1
@@ -85,11 +86,12 @@ def _load(model: ModelLike, *, trust_remote_code: bool, torch_dtype: Optional[to
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
-    """Silences transformers' logging and progress bars for one load."""
+def _quiet_transformers(report: bool = False):
+    """Silences transformers' progress bars for one load, and its logging unless ``report``."""
     verbosity = transformers.utils.logging.get_verbosity()
     bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.set_verbosity_error()
+    if not report:
+        transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     try:
         yield

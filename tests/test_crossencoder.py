@@ -290,3 +290,9 @@ def test_new_head_is_quiet_but_missing_encoder_weights_are_named(tiny_tokenizer,
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.warns(UserWarning, match=r"1 encoder weight\(s\) were not in the checkpoint.*layer\.1\.output\.dense"):
         CrossEncoder(str(folder), max_length=64)
+
+
+def test_loading_a_saved_reranker_prints_no_progress_bar(tiny_model_dir, capfd):
+    CrossEncoder(str(tiny_model_dir), max_length=64)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert transformers.utils.logging.is_progress_bar_enabled()  # the user's setting is restored
