@@ -6,6 +6,7 @@ import resource
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,3 +49,17 @@ def peak_rss_mb() -> float:
 
 def print_table(rows: list[dict]) -> None:
     print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4g"))
+
+
+def encoder_gflop(config, lengths) -> float:
+    """Nominal forward GFLOP of a full encoder pass over pairs of these token lengths, unpadded.
+
+    Per layer and token: 2 FLOPs per multiply-add of the four attention projections and the
+    feed-forward, plus the two attention products (2 x 2 x n x hidden per token of a length-n
+    pair). The same count for every library, so GFLOP/s compares like with like; work a library
+    skips (padding, positions never read) is not counted as done.
+    """
+    d, ff, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    n = np.asarray(lengths, dtype=np.float64)
+    per_layer = 2 * n * (4 * d * d + 2 * d * ff) + 4 * n * n * d
+    return float(layers * per_layer.sum()) / 1e9

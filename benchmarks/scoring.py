@@ -1,8 +1,10 @@
 """Scoring throughput: pyterrier-ce CrossEncoder vs sentence-transformers CrossEncoder.predict.
 
 Same model (all-MiniLM-L6-v2), same (query, passage) pairs, same max_length and batch size, one
-process, fp32 on the CPU. Each library scores the pairs ``--repeats`` times after a warm-up; the
-best run counts. Prints a markdown table, the speed ratio and the largest score difference.
+process, fp32 on the CPU. After a warm-up each, the libraries score the pairs in turn,
+``--repeats`` times; each one's best run counts. Prints a markdown table (pairs/s and achieved
+GFLOP/s: the nominal FLOPs of a full forward over the unpadded pairs, per second), the speed ratio
+and the largest score difference.
 
     python benchmarks/scoring.py --dataset vaswani --queries 20 --depth 50 --max-length 256
 """
@@ -14,17 +16,27 @@ import time
 import numpy as np
 import torch
 
-from common import add_scoring_args, bm25_candidates, minilm_path, print_table
+from common import add_scoring_args, bm25_candidates, encoder_gflop, minilm_path, print_table
 
 
 def best_time(fn, repeats: int) -> tuple[float, np.ndarray]:
-    fn()  # warm-up: thread pools, allocator
-    times, out = [], None
+    """Best wall time of ``repeats`` calls of ``fn`` after a warm-up, and its output."""
+    return best_times({"fn": fn}, repeats)["fn"]
+
+
+def best_times(fns: dict, repeats: int) -> dict:
+    """Like :func:`best_time` for several functions, run in turn (so that a slow spell of the
+    machine falls on all of them): name -> (best seconds, output)."""
+    for fn in fns.values():
+        fn()  # warm-up: thread pools, allocator
+    times = {name: [] for name in fns}
+    out = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), np.asarray(out)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            out[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (min(times[name]), np.asarray(out[name])) for name in fns}
 
 
 def main() -> None:
@@ -47,16 +59,21 @@ def main() -> None:
     # the same weights, including the freshly initialised head
     theirs.model.load_state_dict(ours.model.state_dict())
 
-    t_ours, s_ours = best_time(lambda: ours.score_pairs(queries, texts), args.repeats)
-    t_st, s_st = best_time(
-        lambda: theirs.predict(list(zip(queries, texts)), batch_size=args.batch_size, show_progress_bar=False),
-        args.repeats,
-    )
-    print(f"{n} pairs ({args.dataset}, {args.queries} queries x BM25 top-{args.depth}), max_length {args.max_length}, "
-          f"batch {args.batch_size}, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    timed = best_times({
+        "ours": lambda: ours.score_pairs(queries, texts),
+        "st": lambda: theirs.predict(list(zip(queries, texts)), batch_size=args.batch_size, show_progress_bar=False),
+    }, args.repeats)
+    (t_ours, s_ours), (t_st, s_st) = timed["ours"], timed["st"]
+    lengths = [len(x) for x in ours.tokenizer(queries, texts, truncation=True, max_length=args.max_length)["input_ids"]]
+    gflop = encoder_gflop(ours.model.config, lengths)
+    print(f"{n} pairs ({args.dataset}, {args.queries} queries x BM25 top-{args.depth}, {np.mean(lengths):.0f} tokens "
+          f"on average), max_length {args.max_length}, batch {args.batch_size}, fp32, {torch.get_num_threads()} "
+          f"threads, torch {torch.__version__}; {gflop:.0f} GFLOP nominal\n")
     print_table([
-        {"library": "sentence-transformers CrossEncoder.predict", "seconds": t_st, "pairs/s": n / t_st},
-        {"library": "pyterrier-ce CrossEncoder.score_pairs", "seconds": t_ours, "pairs/s": n / t_ours},
+        {"library": "sentence-transformers CrossEncoder.predict", "seconds": t_st, "pairs/s": n / t_st,
+         "GFLOP/s": gflop / t_st},
+        {"library": "pyterrier-ce CrossEncoder.score_pairs", "seconds": t_ours, "pairs/s": n / t_ours,
+         "GFLOP/s": gflop / t_ours},
     ])
     print(f"\nspeed ratio (pyterrier-ce / sentence-transformers): {t_st / t_ours:.2f}x")
     print(f"max |score difference|: {np.abs(s_ours - s_st).max():.2e}")

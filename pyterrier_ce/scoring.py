@@ -1,8 +1,9 @@
 """The scoring engine: (query, text) pairs to one float each, shared by inference and validation.
 
 Pairs are tokenised once, sorted by token length so that each batch pads to nearly the same
-length, run under ``torch.inference_mode`` (with bf16/fp16 autocast on GPU), and the scores are
-put back in input order. The next chunk of pairs is tokenised in a background thread while the
+length, run under ``torch.inference_mode`` (with bf16/fp16 autocast on GPU) with the last layer
+computed for [CLS] alone where the model allows (:mod:`pyterrier_ce.cls_only`), and the scores
+are put back in input order. The next chunk of pairs is tokenised in a background thread while the
 current one is scored, and a batch that runs out of memory is split in halves and retried.
 """
 from __future__ import annotations
@@ -17,6 +18,8 @@ import numpy as np
 import pyterrier as pt
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .cls_only import cls_only_last_layer
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
@@ -352,7 +355,7 @@ def score_pairs(
     progress = pt.tqdm(total=n, desc=desc, unit="pair", disable=not verbose)
     chunks = _tokenized_chunks(tokenize, range(0, n, CHUNK_SIZE))
     try:
-        with torch.inference_mode(), autocast(device, dtype), contextlib.closing(chunks):
+        with torch.inference_mode(), autocast(device, dtype), contextlib.closing(chunks), cls_only_last_layer(model):
             for start, encoded in chunks:
                 lengths = np.fromiter((len(x) for x in encoded["input_ids"]), dtype=np.int64)
                 # longest first: an out-of-memory shows at once

@@ -30,6 +30,7 @@ from transformers import get_linear_schedule_with_warmup
 from . import scoring
 from .allocator import keep_freed_memory
 from .atomic import recover_dir, replace_dir
+from .cls_only import cls_only_last_layer
 from .history import TrainingLog
 from .loading import is_head_parameter
 from .sampling import Group, GroupSampler
@@ -240,7 +241,9 @@ class Trainer:
         """Trains; on an error the model is still handed back in eval mode with its own dropout."""
         self._prepare()
         try:
-            return self._run()
+            # the last layer for [CLS] alone: the same gradients for less work (see cls_only)
+            with cls_only_last_layer(self.accelerator.unwrap_model(self.model)):
+                return self._run()
         except BaseException:
             self._hand_back()
             raise
