@@ -1,17 +1,18 @@
 """Distillation versus contrastive training of small students, at equal budget, ID and OOD.
 
 A teacher (a CrossEncoder folder, e.g. the demo's all-MiniLM-L6-v2 trained with InfoNCE on
-SQuAD) scores the training candidates once (cached on disk). Students cut from
-all-MiniLM-L6-v2 (``--layers``, e.g. 2 and 3 layers) are trained on the same SQuAD questions,
-groups and steps, either contrastively (``infonce`` on the qrels) or by a distillation objective
-from the teacher. Each model reranks BM25 on SQuAD test (in-domain) and TREC DL 2019/2020,
+SQuAD) scores the training candidates once (cached on disk). Students with ``--layers`` layers
+(e.g. 2 and 3), cut DistilBERT-style from the teacher (``--student-from teacher``, the default)
+or from the untrained backbone all-MiniLM-L6-v2 (``--student-from backbone``), are trained on the
+same SQuAD questions, groups and steps, either contrastively (``infonce`` on the qrels) or by a
+distillation objective from the teacher. Each model reranks BM25 on SQuAD test (in-domain) and TREC DL 2019/2020,
 Vaswani and Cranfield (out-of-domain); ``pt.Experiment`` compares every student with the
 contrastive student of its size (paired t-test, Holm correction).
 
 Runs are saved under ``--workdir``, results rows appended to ``--out/results.jsonl``; a rerun
 skips what is done, so an interrupted grid resumes.
 
-    python benchmarks/distillation.py --teacher DEMO/model --layers 2,3
+    python benchmarks/distillation.py --teacher DEMO/model --layers 3,2 --train-queries 1400
 """
 from __future__ import annotations
 
@@ -97,6 +98,11 @@ def main() -> None:
     parser.add_argument("--train-depth", type=int, default=10)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--test-queries", type=int, default=300)
+    parser.add_argument("--student-from", choices=("teacher", "backbone"), default="teacher",
+                        help="cut the students' layers from the teacher or from all-MiniLM-L6-v2")
+    parser.add_argument("--precision", default="bf16",
+                        help="students' training and scoring precision, and the teacher's when evaluated")
+    parser.add_argument("--teacher-precision", default="fp32", help="precision of the teacher's training targets")
     parser.add_argument("--settings", default="{}", help="JSON of extra training settings for every student")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--workdir", default="/tmp/pyterrier-ce-distillation")
@@ -121,9 +127,9 @@ def main() -> None:
     print(f"{train['qid'].nunique()} training questions with a positive in BM25 top-{args.train_depth}")
 
     rerank("BM25", None, workdir, args.test_queries, args.seed)
-    teacher = CrossEncoder.from_pretrained(args.teacher)
+    teacher = CrossEncoder(args.teacher, precision=args.teacher_precision)
     start = time.perf_counter()
-    rerank("teacher", teacher, workdir, args.test_queries, args.seed)
+    rerank("teacher", CrossEncoder(args.teacher, precision=args.precision), workdir, args.test_queries, args.seed)
     print(f"teacher evaluated in {(time.perf_counter() - start) / 60:.1f} min")
 
     settings = json.loads(args.settings)
@@ -133,7 +139,9 @@ def main() -> None:
             if system in done:
                 continue
             distill = objective != "infonce"
-            student = CrossEncoder(minilm_path(), num_layers=layers, max_length=teacher.max_length, seed=args.seed,
+            source = args.teacher if args.student_from == "teacher" else minilm_path()
+            student = CrossEncoder(source, num_layers=layers, max_length=teacher.max_length, seed=args.seed,
+                                   precision=args.precision,
                                    objective=objective, group_size=args.group_size, train_batch_size=8,
                                    teacher=teacher if distill else None, teacher_cache=str(workdir / "teachers"),
                                    log_file=str(out / f"{system}.log.jsonl"), **settings)
@@ -147,6 +155,8 @@ def main() -> None:
             row = {"system": system, "layers": layers, "objective": objective, "steps": len(steps),
                    "groups": int(steps["groups"].iloc[-1]), "train_min": round(train_min, 2),
                    "eval_min": round((time.perf_counter() - start) / 60, 2), "settings": settings,
+                   "student_from": args.student_from, "max_length": student.max_length,
+                   "precision": args.precision, "train_questions": int(train["qid"].nunique()),
                    "loss_first20": round(float(steps["loss"].head(20).mean()), 4),
                    "loss_last20": round(float(steps["loss"].tail(20).mean()), 4)}
             print(json.dumps(row), flush=True)
