@@ -47,6 +47,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_gpu_mb() -> float:
+    """Peak memory allocated by PyTorch on the current GPU (0 without one)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+
+
 def print_table(rows: list[dict]) -> None:
     print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4g"))
 

@@ -7,6 +7,7 @@ same cross-entropy). Each configuration runs in its own process so that peak mem
 its own; the first ``--skip`` steps (warm-up) are not timed.
 
     python benchmarks/training.py --steps 12 --max-length 192
+    python benchmarks/training.py --device cuda --precisions bf16 --batch 32 --steps 30 --skip 5
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import minilm_path, peak_rss_mb, print_table
+from common import minilm_path, peak_gpu_mb, peak_rss_mb, print_table
 
 HERE = Path(__file__).resolve().parent
 
@@ -51,7 +52,7 @@ def run_ours(groups, args) -> list[float]:
         qrels.append((g["qid"], g["docnos"][0], 1))
     candidates = pd.DataFrame(rows, columns=["qid", "query", "docno", "text", "rank"])
     qrels = pd.DataFrame(qrels, columns=["qid", "docno", "label"])
-    ce = CrossEncoder(minilm_path(), max_length=args.max_length, device="cpu", precision=args.precision,
+    ce = CrossEncoder(minilm_path(), max_length=args.max_length, device=args.device, precision=args.precision,
                       objective="infonce", group_size=len(groups[0]["docnos"]), negatives="top",
                       train_batch_size=args.batch, lr=2e-5, max_steps=args.steps)
     ce.fit(candidates, qrels)
@@ -66,7 +67,7 @@ def run_st(groups, args) -> list[float]:
     from sentence_transformers.cross_encoder.losses import ListNetLoss
     from transformers import TrainerCallback
 
-    model = CrossEncoder(minilm_path(), num_labels=1, max_length=args.max_length, device="cpu")
+    model = CrossEncoder(minilm_path(), num_labels=1, max_length=args.max_length, device=args.device)
     data = Dataset.from_dict({
         "query": [g["query"] for g in groups],
         "docs": [g["texts"] for g in groups],
@@ -83,7 +84,7 @@ def run_st(groups, args) -> list[float]:
 
     training_args = CrossEncoderTrainingArguments(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, max_steps=args.steps,
-        learning_rate=2e-5, warmup_ratio=0.1, use_cpu=True, bf16=args.precision == "bf16",
+        learning_rate=2e-5, warmup_ratio=0.1, use_cpu=args.device == "cpu", bf16=args.precision == "bf16",
         save_strategy="no", report_to="none", logging_steps=10_000, dataloader_num_workers=0,
         disable_tqdm=True, seed=42,
     )
@@ -101,7 +102,7 @@ def child(args) -> None:
     pairs = sum(len(g["texts"]) for g in groups[args.skip * args.batch:])
     print(json.dumps({"library": args.library, "precision": args.precision, "timed_steps": timed,
                       "s/step": seconds / timed, "groups/s": timed * args.batch / seconds, "pairs/s": pairs / seconds,
-                      "peak_rss_mb": peak_rss_mb()}))
+                      "peak_rss_mb": peak_rss_mb(), **({"peak_gpu_mb": peak_gpu_mb()} if args.device != "cpu" else {})}))
 
 
 def main() -> None:
@@ -112,6 +113,7 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--library")
     parser.add_argument("--precision")
     parser.add_argument("--groups")
@@ -119,16 +121,17 @@ def main() -> None:
     if args.library:
         return child(args)
 
-    groups_file = Path(tempfile.gettempdir()) / f"pyterrier-ce-train-groups-{args.group_size}.json"
+    num_groups = max(400, args.steps * args.batch)
+    groups_file = Path(tempfile.gettempdir()) / f"pyterrier-ce-train-groups-{args.group_size}-{num_groups}.json"
     if not groups_file.exists():
-        make_groups(groups_file, 400, args.group_size, seed=42)
+        make_groups(groups_file, num_groups, args.group_size, seed=42)
     rows = []
     for precision in args.precisions.split(","):
         for library in ("sentence-transformers", "pyterrier-ce"):
             out = subprocess.run(
                 [sys.executable, __file__, "--library", library, "--precision", precision, "--groups", str(groups_file),
                  "--steps", str(args.steps), "--skip", str(args.skip), "--batch", str(args.batch),
-                 "--max-length", str(args.max_length)],
+                 "--max-length", str(args.max_length), "--device", args.device],
                 capture_output=True, text=True, cwd=HERE,
             )
             lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
@@ -137,7 +140,7 @@ def main() -> None:
                 raise SystemExit(f"{library} {precision} failed")
             rows.append(json.loads(lines[-1]))
     print(f"all-MiniLM-L6-v2, groups of {args.group_size} (1 positive + BM25 negatives), {args.batch} groups/step, "
-          f"max_length {args.max_length}, CPU, {args.steps - args.skip} timed steps\n")
+          f"max_length {args.max_length}, {args.device}, {args.steps - args.skip} timed steps\n")
     print_table(rows)
     for precision in args.precisions.split(","):
         st, ours = [r for r in rows if r["precision"] == precision]
