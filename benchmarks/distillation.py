@@ -4,8 +4,9 @@ A teacher (a CrossEncoder folder, e.g. the demo's all-MiniLM-L6-v2 trained with 
 SQuAD) scores the training candidates once (cached on disk). Students with ``--layers`` layers
 (e.g. 2 and 3), cut DistilBERT-style from the teacher (``--student-from teacher``, the default)
 or from the untrained backbone all-MiniLM-L6-v2 (``--student-from backbone``), are trained on the
-same SQuAD questions, groups and steps, either contrastively (``infonce`` on the qrels) or by a
-distillation objective from the teacher. Each model reranks BM25 on SQuAD test (in-domain) and TREC DL 2019/2020,
+same SQuAD questions, groups and steps, either on the qrels (``infonce``, the contrastive
+baseline, or any other label objective such as ``bce``) or by a distillation objective from the
+teacher. Each model reranks BM25 on SQuAD test (in-domain) and TREC DL 2019/2020,
 Vaswani and Cranfield (out-of-domain); ``pt.Experiment`` compares every student with the
 contrastive student of its size (paired t-test, Holm correction).
 
@@ -26,7 +27,7 @@ import pyterrier as pt
 from pyterrier.measures import RR, nDCG
 
 from common import DATA, minilm_path
-from pyterrier_ce import BeirDataset, CrossEncoder
+from pyterrier_ce import BeirDataset, CrossEncoder, objectives
 from pyterrier_ce.demo import bm25_pipeline, quiet_native_output
 
 OBJECTIVES = ("infonce", "margin_mse", "kl", "distill_ranknet", "adr_mse")
@@ -111,9 +112,9 @@ def main() -> None:
     workdir, out = Path(args.workdir), Path(args.out)
     workdir.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    done = set()
+    done = []  # systems in the order they were trained, from earlier runs of the grid too
     if (out / "results.jsonl").exists():
-        done = {json.loads(line)["system"] for line in (out / "results.jsonl").read_text().splitlines() if line}
+        done = [json.loads(line)["system"] for line in (out / "results.jsonl").read_text().splitlines() if line]
 
     # training data: SQuAD questions whose positive is among the BM25 candidates, so that every
     # student (contrastive or distilled) sees the same groups and steps
@@ -138,7 +139,7 @@ def main() -> None:
             system = f"L{layers}-{objective}"
             if system in done:
                 continue
-            distill = objective != "infonce"
+            distill = objectives.get(objective).targets_kind == "teacher"
             source = args.teacher if args.student_from == "teacher" else minilm_path()
             student = CrossEncoder(source, num_layers=layers, max_length=teacher.max_length, seed=args.seed,
                                    precision=args.precision,
@@ -162,12 +163,13 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             with open(out / "results.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-            done.add(system)
+            done.append(system)
 
-    # one table per student size and dataset: every student against the contrastive one
+    # one table per student size and dataset (every student trained so far in --out, not only
+    # this call's): each student against the contrastive one
     lines = []
-    for layers in [int(x) for x in args.layers.split(",")]:
-        students = [f"L{layers}-{o}" for o in args.objectives.split(",") if f"L{layers}-{o}" in done]
+    for layers in dict.fromkeys(int(system.split("-")[0][1:]) for system in done):
+        students = [system for system in done if system.startswith(f"L{layers}-")]
         if f"L{layers}-infonce" not in students:
             continue
         systems = ["BM25", "teacher"] + students
