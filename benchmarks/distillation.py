@@ -177,6 +177,13 @@ def main() -> None:
             table.to_csv(out / f"L{layers}-{name}.csv", index=False)
             lines.append(f"\n### {layers}-layer students, {name} (baseline: L{layers}-infonce)\n")
             lines.append(table.to_markdown(index=False))
+        # the studies' first claim: InfoNCE and MarginMSE beat pointwise BCE
+        versus = [f"L{layers}-{o}" for o in ("bce", "infonce", "margin_mse")]
+        if all(system in done for system in versus):
+            for name, table in tables(versus, versus[0], workdir, args.test_queries, args.seed).items():
+                table.to_csv(out / f"L{layers}-vs-bce-{name}.csv", index=False)
+                lines.append(f"\n### {layers}-layer students, {name} (baseline: L{layers}-bce)\n")
+                lines.append(table.to_markdown(index=False))
     (out / "tables.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
