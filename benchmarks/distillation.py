@@ -112,9 +112,10 @@ def main() -> None:
     workdir, out = Path(args.workdir), Path(args.out)
     workdir.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    done = []  # systems in the order they were trained, from earlier runs of the grid too
+    done = {}  # system -> its results row, in the order trained, from earlier runs of the grid too
     if (out / "results.jsonl").exists():
-        done = [json.loads(line)["system"] for line in (out / "results.jsonl").read_text().splitlines() if line]
+        rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line]
+        done = {row["system"]: row for row in rows}
 
     # training data: SQuAD questions whose positive is among the BM25 candidates, so that every
     # student (contrastive or distilled) sees the same groups and steps
@@ -130,7 +131,9 @@ def main() -> None:
     rerank("BM25", None, workdir, args.test_queries, args.seed)
     teacher = CrossEncoder(args.teacher, precision=args.teacher_precision)
     start = time.perf_counter()
-    rerank("teacher", CrossEncoder(args.teacher, precision=args.precision), workdir, args.test_queries, args.seed)
+    same = args.precision == args.teacher_precision
+    evaluated = teacher if same else CrossEncoder(args.teacher, precision=args.precision)
+    rerank("teacher", evaluated, workdir, args.test_queries, args.seed)
     print(f"teacher evaluated in {(time.perf_counter() - start) / 60:.1f} min")
 
     settings = json.loads(args.settings)
@@ -139,7 +142,7 @@ def main() -> None:
             system = f"L{layers}-{objective}"
             if system in done:
                 continue
-            distill = objectives.get(objective).targets_kind == "teacher"
+            distill = objectives.distils(objective)
             source = args.teacher if args.student_from == "teacher" else minilm_path()
             student = CrossEncoder(source, num_layers=layers, max_length=teacher.max_length, seed=args.seed,
                                    precision=args.precision,
@@ -163,13 +166,13 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             with open(out / "results.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-            done.append(system)
+            done[system] = row
 
     # one table per student size and dataset (every student trained so far in --out, not only
     # this call's): each student against the contrastive one
     lines = []
-    for layers in dict.fromkeys(int(system.split("-")[0][1:]) for system in done):
-        students = [system for system in done if system.startswith(f"L{layers}-")]
+    for layers in dict.fromkeys(row["layers"] for row in done.values()):
+        students = [system for system, row in done.items() if row["layers"] == layers]
         if f"L{layers}-infonce" not in students:
             continue
         systems = ["BM25", "teacher"] + students

@@ -341,11 +341,12 @@ class CrossEncoder(pt.Estimator):
     @staticmethod
     def _teacher_scores(s: TrainingSettings, objective, train: pd.DataFrame) -> Optional[np.ndarray]:
         """The teacher's scores of the training candidates, when the objective distils one."""
+        from . import objectives
         from .settings import default_cache_dir
         from .teachers import as_teacher
 
         name = getattr(objective, "name", "") or type(objective).__name__
-        distils = getattr(objective, "targets_kind", "labels") == "teacher"
+        distils = objectives.distils(objective)
         if distils and s.teacher is None:
             raise ValueError(
                 f"Objective {name!r} distils a teacher's scores: pass teacher= (a pipeline such as a larger "

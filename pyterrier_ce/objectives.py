@@ -48,6 +48,16 @@ def get(objective: Union[str, "Objective", nn.Module], **params) -> nn.Module:
     return _REGISTRY[objective](**params)
 
 
+def distils(objective: Union[str, nn.Module]) -> bool:
+    """Whether ``objective`` (a registered name or an objective object) learns from teacher scores
+    rather than relevance labels; objects without ``targets_kind`` count as label objectives."""
+    if isinstance(objective, str):
+        if objective not in _REGISTRY:
+            raise ValueError(f"Unknown objective {objective!r}; available: {', '.join(available())}.")
+        objective = _REGISTRY[objective]
+    return getattr(objective, "targets_kind", "labels") == "teacher"
+
+
 class Objective(nn.Module):
     """Base class: checks shapes, fills the mask, and computes in fp32 outside autocast."""
 

@@ -107,7 +107,7 @@ class ObjectiveSpec:
     def distils(self) -> bool:
         from . import objectives
 
-        return getattr(objectives._REGISTRY[self.name], "targets_kind", "labels") == "teacher"
+        return objectives.distils(self.name)
 
 
 @dataclass

@@ -114,3 +114,12 @@ def test_shape_errors():
         objectives.get("infonce")(torch.zeros(2, 3), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="mask"):
         objectives.get("infonce")(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_distils_tells_teacher_objectives_from_label_objectives():
+    assert all(objectives.distils(name) for name in ("margin_mse", "kl", "distill_ranknet", "adr_mse", "mse"))
+    assert not any(objectives.distils(name) for name in ("bce", "hinge", "ranknet", "lambdaloss", "infonce", "listnet"))
+    assert objectives.distils(objectives.get("kl", temperature=2.0))
+    assert not objectives.distils(torch.nn.MSELoss())  # a plain module trains on labels
+    with pytest.raises(ValueError, match="Unknown objective 'margin'"):
+        objectives.distils("margin")
