@@ -313,6 +313,7 @@ class CrossEncoder(pt.Estimator):
         are averaged, and only the main process writes logs and checkpoints.
         """
         s = self.settings.updated(**settings)
+        s.check_complete()
         if s.train_max_length is not None:
             self._check_max_length(s.train_max_length, "train_max_length")
         train = self._candidates(train, s.first_stage, "train")

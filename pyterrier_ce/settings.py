@@ -104,10 +104,17 @@ class TrainingSettings:
         return [f.name for f in dataclasses.fields(cls)]
 
     def updated(self, **changes: Any) -> "TrainingSettings":
-        """A copy with ``changes``; unknown names are an error listing the valid ones."""
+        """A copy with ``changes``; unknown names are an error listing the valid ones.
+
+        Numbers may come as strings (YAML reads ``1e-4`` as one): they are converted. Each value
+        is checked on its own here; what needs several settings together (``resume`` needs a
+        ``checkpoint_dir``) is checked by :meth:`check_complete` when ``fit`` starts, so either
+        may come from the constructor and the other from ``fit``.
+        """
         unknown = sorted(set(changes) - set(self.names()))
         if unknown:
             raise TypeError(f"Unknown training setting(s) {unknown}; valid: {', '.join(self.names())}.")
+        changes = {name: _coerced(name, value) for name, value in changes.items()}
         settings = dataclasses.replace(self, **changes)
         settings.check()
         return settings
@@ -117,8 +124,9 @@ class TrainingSettings:
         for name in ("group_size", "train_batch_size", "grad_accum_steps", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}.")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1 (or None), not {self.max_steps}.")
+        for name in ("max_steps", "eval_every", "checkpoint_every", "patience", "train_max_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1 (or None), not {getattr(self, name)}.")
         for name in ("lr", "head_lr"):
             value = getattr(self, name)
             if value == "auto" or (name == "head_lr" and value is None):
@@ -133,8 +141,37 @@ class TrainingSettings:
             raise ValueError(f"frozen_layers must be >= 0 (or None), not {self.frozen_layers}.")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, not {self.warmup}.")
+
+    def check_complete(self) -> None:
+        """Refuses combinations that cannot train: run on the settings ``fit`` resolved."""
         if (self.resume or self.checkpoint_every) and not self.checkpoint_dir:
-            raise ValueError("resume and checkpoint_every need a checkpoint_dir.")
+            raise ValueError("resume and checkpoint_every need a checkpoint_dir: pass checkpoint_dir= "
+                             "(to the constructor or to fit).")
+
+
+# Settings that hold a whole number, and those that hold any number (besides None or a word such as "auto").
+_INTEGERS = ("group_size", "train_batch_size", "grad_accum_steps", "epochs", "max_steps", "frozen_layers",
+             "train_max_length", "seed", "eval_every", "patience", "checkpoint_every")
+_NUMBERS = ("lr", "head_lr", "layer_decay", "warmup", "weight_decay", "dropout", "attention_dropout",
+            "max_grad_norm")
+
+
+def _coerced(name: str, value: Any) -> Any:
+    """``value`` as the number setting ``name`` holds; a clear error when it is not one."""
+    if name not in _INTEGERS + _NUMBERS or value is None or (name in ("lr", "head_lr") and value == "auto"):
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())  # YAML 1.1 reads 1e-4 (no dot) as a string
+        except ValueError:
+            raise ValueError(f"{name} must be a number, not {value!r}.") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, not {value!r} ({type(value).__name__}).")
+    if name in _INTEGERS:
+        if value != int(value):
+            raise ValueError(f"{name} must be a whole number, not {value!r}.")
+        return int(value)
+    return float(value)
 
 
 def auto_lr(total_steps: int) -> float:
