@@ -66,13 +66,13 @@ def _load(model: ModelLike, *, trust_remote_code: bool, torch_dtype: Optional[to
         kwargs["dtype"] = torch_dtype
     try:
         if _has_one_logit_head(config):
-            with _quiet_transformers(report=True):  # a bar per load is noise in notebooks and logs
+            with quiet_transformers(report=True):  # a bar per load is noise in notebooks and logs
                 loaded = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
         else:
             # A bare encoder or a multi-label classifier: keep the encoder, start a one-logit head.
             config.num_labels = 1
             config.problem_type = None
-            with _quiet_transformers():  # its load report lists the new head, which is expected
+            with quiet_transformers():  # its load report lists the new head, which is expected
                 loaded, info = AutoModelForSequenceClassification.from_pretrained(
                     name, config=config, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
                 )
@@ -86,7 +86,7 @@ def _load(model: ModelLike, *, trust_remote_code: bool, torch_dtype: Optional[to
 
 
 @contextlib.contextmanager
-def _quiet_transformers(report: bool = False):
+def quiet_transformers(report: bool = False):
     """Silences transformers' progress bars for one load, and its logging unless ``report``."""
     verbosity = transformers.utils.logging.get_verbosity()
     bars = transformers.utils.logging.is_progress_bar_enabled()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -15,20 +16,17 @@ import transformers
 from transformers import PreTrainedTokenizerBase
 
 from . import scoring
-from .atomic import replace_dir
-from .loading import ModelLike, keep_layers, load_model, load_tokenizer, student_layers
+from . import processes
+from .atomic import save_files
+from .loading import ModelLike, keep_layers, load_model, load_tokenizer, quiet_transformers, student_layers
 from .settings import TrainingSettings
 
 # Written into config.json so that sentence-transformers' CrossEncoder returns raw logits, as we do.
 _ST_CONFIG = {"activation_fn": "torch.nn.modules.linear.Identity"}
 # Our own settings, kept in config.json so that from_pretrained restores them.
 _CONFIG_KEY = "pyterrier_ce"
-
-
-def _distributed_rank() -> int:
-    """This process's rank in a ``torch.distributed`` run; 0 when there is none."""
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+# The weight files a save writes (one file, or shards and their index): what an earlier save left.
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
 
 
 def _folder_fingerprint(folder: str) -> Optional[str]:
@@ -329,7 +327,7 @@ class CrossEncoder(pt.Estimator):
         teacher_scores = self._teacher_scores(s, objective, train)
         sampler = GroupSampler(train, train_qrels, group_size=s.group_size, negatives=s.negatives,
                                seed=s.seed, text_field=self.text_field, teacher_scores=teacher_scores)
-        if self.verbose and _distributed_rank() == 0:
+        if self.verbose and processes.is_main():
             print(f"CrossEncoder.fit: {sampler.report}")
         trainer = Trainer(self, s, sampler, objective, valid, valid_qrels)
         try:
@@ -388,21 +386,26 @@ class CrossEncoder(pt.Estimator):
 
         ``transformers.AutoModelForSequenceClassification``, sentence-transformers'
         ``CrossEncoder`` and :meth:`from_pretrained` all load it and score the same raw logits.
-        The folder is written next to ``path`` and renamed into place, so a crash never leaves a
-        half-written model under that name. In a multi-process run (``accelerate launch``) only
-        the main process writes; the others return at once.
+        As Hugging Face's ``save_pretrained`` does, only the model's own files are written, each
+        under a temporary name and renamed into place (so a crash never leaves half a file);
+        anything else in ``path`` (notes, runs, checkpoints) is left alone, and weight shards of
+        an earlier save that this one does not write are removed. In a multi-process run
+        (``accelerate launch``) only the main process writes; the others return at once.
         """
-        if _distributed_rank() > 0:
+        if not processes.is_main():
             return  # under accelerate launch, the main process writes the one copy
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         config = self.model.config
         config.sentence_transformers = dict(_ST_CONFIG)
         setattr(config, _CONFIG_KEY, {"max_length": self.max_length, "text_field": self.text_field})
-        self.model.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.model_max_length = self.max_length
-        self.tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, path)
+
+        def write(folder: Path) -> None:
+            with quiet_transformers():  # no "Writing model shards" bar per save
+                self.model.save_pretrained(folder, safe_serialization=True)
+            self.tokenizer.model_max_length = self.max_length
+            self.tokenizer.save_pretrained(folder)
+
+        # config.json last: loaders read it first, so it is the last file a crash could leave old
+        save_files(path, write, last=["config.json"], stale=_WEIGHT_FILE.fullmatch)
 
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], **kwargs: Any) -> "CrossEncoder":
