@@ -112,6 +112,10 @@ class CrossEncoder(pt.Estimator):
             keep_layers(self.model, self.layers)
         self.model.to(self.device).eval()
         self.tokenizer = load_tokenizer(tokenizer, self._name, trust_remote_code=trust_remote_code)
+        # part of the identity when it is not the model's own tokenizer
+        self._tokenizer_source = None if tokenizer is None else (
+            os.fspath(tokenizer) if isinstance(tokenizer, (str, os.PathLike))
+            else f"{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}")
         self.batch_size = batch_size
         if max_length is None:  # a model saved by save_pretrained scores as it did before
             max_length = (getattr(self.model.config, _CONFIG_KEY, None) or {}).get("max_length")
@@ -156,14 +160,41 @@ class CrossEncoder(pt.Estimator):
             digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
+    def identity_key(self) -> Dict[str, Any]:
+        """What this reranker computes: the one identity behind ``==``, ``hash``, ``repr`` and
+        the teacher-score cache (see :mod:`pyterrier_ce.identity`).
+
+        The model (name, kept layers, weights: a built or trained model's own weights, a local
+        folder's weight files as they are now), the tokenizer when it is not the model's, and
+        what changes scores: ``max_length``, ``text_field`` and the scoring precision.
+        """
+        return {
+            "model": self._name,
+            "layers": list(self.layers) if self.layers is not None else None,
+            "weights": self._fingerprint,
+            "tokenizer": self._tokenizer_source,
+            "max_length": self.max_length,
+            "text_field": self.text_field,
+            "precision": self._scoring_precision(),
+        }
+
+    def _scoring_precision(self) -> str:
+        """``precision`` as scoring resolves it on this device ("auto" is fp32 on the CPU, bf16 on GPUs)."""
+        if self.precision == "int8":
+            return "int8"
+        dtype = scoring.resolve_precision(self.precision, self.device)
+        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
     def _identity(self) -> tuple:
-        layers = tuple(self.layers) if self.layers is not None else None
-        return (self._name, layers, self._fingerprint, self.max_length, self.text_field)
+        return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in self.identity_key().items())
 
     def __repr__(self) -> str:
-        extra = f", layers={self.layers}" if self.layers is not None else ""
-        extra += f", weights={self._fingerprint}" if self._fingerprint else ""
-        return f"CrossEncoder({self._name!r}{extra}, max_length={self.max_length})"
+        key = self.identity_key()
+        shown = [repr(key.pop("model"))]
+        defaults = {"layers": None, "weights": None, "tokenizer": None, "text_field": "text"}
+        shown += [f"{k}={v!r}" if isinstance(v, str) and k != "weights" else f"{k}={v}"
+                  for k, v in key.items() if k not in defaults or v != defaults[k]]
+        return f"CrossEncoder({', '.join(shown)})"
 
     def __eq__(self, other: Any) -> bool:
         if not isinstance(other, CrossEncoder):

@@ -164,7 +164,8 @@ def _coerced(name: str, value: Any) -> Any:
         try:
             value = float(value.strip())  # YAML 1.1 reads 1e-4 (no dot) as a string
         except ValueError:
-            raise ValueError(f"{name} must be a number, not {value!r}.") from None
+            what = "a positive number or 'auto'" if name in ("lr", "head_lr") else "a number"
+            raise ValueError(f"{name} must be {what}, not {value!r}.") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, not {value!r} ({type(value).__name__}).")
     if name in _INTEGERS:

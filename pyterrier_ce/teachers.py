@@ -5,14 +5,18 @@ the user passed to ``fit(teacher=...)`` into one.
 """
 from __future__ import annotations
 
-import hashlib
+import json
 import os
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
 import pyterrier as pt
+
+from .atomic import write_file
+from .identity import digest, identity_of
 
 NORMALISATIONS = ("zscore", "minmax", None)
 
@@ -53,34 +57,92 @@ def _align(candidates: pd.DataFrame, scored: pd.DataFrame, teacher: Teacher) -> 
 class PipelineTeacher(Teacher):
     """Any ``pt.Transformer`` or pipeline that scores a candidate frame (e.g. a larger CrossEncoder).
 
-    Its scores are cached on disk with pyterrier-caching (keyed by query and docno under a folder
-    named after the teacher's identity), so repeated runs score each candidate once.
+    Its scores are cached on disk with pyterrier-caching, so repeated runs score each candidate
+    once. A cache is keyed by what the teacher computes (:func:`pyterrier_ce.identity.identity_of`:
+    a CrossEncoder's model, weights, length, text field and precision; pipelines of such parts)
+    and, within it, by the query text, the docno and a hash of the candidate's text columns, so a
+    changed teacher or a changed text is scored afresh. A teacher without such an identity (e.g.
+    ``pt.apply.generic(...)``) is scored without the disk cache unless ``key`` names it.
 
     Args:
         transformer: The scorer; it receives the training candidates (qid, query, docno, text).
         cache_dir: Parent folder of the score caches (``None``: no cache).
+        key: A name for this teacher's cache, for teachers without an identity of their own;
+            change it whenever the teacher changes.
     """
 
-    def __init__(self, transformer: pt.Transformer, cache_dir: Optional[Union[str, os.PathLike]] = None):
+    def __init__(self, transformer: pt.Transformer, cache_dir: Optional[Union[str, os.PathLike]] = None, *,
+                 key: Optional[str] = None):
         self.transformer = transformer
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.name = repr(transformer)
+        self.key = key
+        self.identity = ["named", key] if key is not None else identity_of(transformer)
+        self.name = repr(transformer) if key is None else f"PipelineTeacher({transformer!r}, key={key!r})"
+
+    def identity_key(self):
+        return self.identity
 
     def cache_path(self) -> Optional[Path]:
-        if self.cache_dir is None:
+        """The folder of this teacher's score cache (``None``: not cached)."""
+        if self.cache_dir is None or self.identity is None:
             return None
-        return self.cache_dir / hashlib.sha1(self.name.encode()).hexdigest()[:16]
+        return self.cache_dir / digest([_CACHE_FORMAT, self.identity])
 
     def scores(self, candidates: pd.DataFrame) -> np.ndarray:
-        scorer = self.transformer
         path = self.cache_path()
-        if path is not None:
-            from pyterrier_caching import ScorerCache
+        if path is None:
+            if self.cache_dir is not None:
+                warnings.warn(
+                    f"Teacher {self.name} has no stable identity (what it prints says nothing of what it computes), "
+                    f"so its scores are not cached on disk. To cache them, name it: "
+                    f"pyterrier_ce.teachers.PipelineTeacher(pipeline, key='my-teacher-v1').", stacklevel=3)
+            return _align(candidates, _checked_scores(self.transformer(candidates), self), self)
+        from pyterrier_caching import ScorerCache
 
-            path.parent.mkdir(parents=True, exist_ok=True)
-            (path.parent / f"{path.name}.txt").write_text(self.name)  # which teacher a folder holds
-            scorer = ScorerCache(str(path), self.transformer)
-        return _align(candidates, scorer(candidates), self)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_file(path.parent / f"{path.name}.json",  # which teacher a folder holds
+                   lambda tmp: tmp.write_text(json.dumps(self.identity, indent=1, default=str)))
+        keyed = candidates.assign(**{_ROW_KEY: _content_keys(candidates)})
+        with ScorerCache(str(path), _KeepKey(self.transformer, self), key=_ROW_KEY) as cache:
+            scored = cache(keyed)
+        return _align(candidates, scored, self)
+
+
+# Bumped whenever what a cache folder holds changes meaning.
+_CACHE_FORMAT = "teacher-scores-v2"
+# The cache's key within a query: the docno and a hash of the candidate's text columns.
+_ROW_KEY = "_pyterrier_ce_row_key"
+_NOT_TEXT = {"qid", "query", "docno", "score", "rank", "docid", _ROW_KEY}
+
+
+def _content_keys(candidates: pd.DataFrame) -> pd.Series:
+    """docno + a hash of the text columns, per row: a docno whose text changed is another key."""
+    texts = [c for c in candidates.columns
+             if c not in _NOT_TEXT and (candidates[c].dtype == object or pd.api.types.is_string_dtype(candidates[c]))]
+    if not texts:
+        return candidates["docno"].astype(str)
+    hashes = pd.util.hash_pandas_object(candidates[texts].astype(str), index=False)  # fixed hash key: stable
+    return candidates["docno"].astype(str) + "\x1f" + hashes.map("{:016x}".format).to_numpy()
+
+
+class _KeepKey(pt.Transformer):
+    """Runs the teacher and gives its output the cache's row key back if the teacher dropped it."""
+
+    def __init__(self, transformer: pt.Transformer, teacher: Teacher):
+        self.transformer, self.teacher = transformer, teacher
+
+    def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
+        out = _checked_scores(self.transformer(inp.drop(columns=[_ROW_KEY])), self.teacher)
+        keys = inp[["qid", "docno", _ROW_KEY]].drop_duplicates(["qid", "docno"])
+        return out.drop(columns=[_ROW_KEY], errors="ignore").merge(keys, on=["qid", "docno"], how="left")
+
+
+def _checked_scores(scored: pd.DataFrame, teacher: Teacher) -> pd.DataFrame:
+    if "score" not in scored.columns:
+        raise ValueError(
+            f"Teacher {teacher.name} returned no `score` column (it has {list(scored.columns)}): a teacher "
+            f"pipeline must end in a scorer, e.g. a CrossEncoder, or pt.apply.doc_score(...).")
+    return scored
 
 
 class RunTeacher(Teacher):

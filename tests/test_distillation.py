@@ -118,15 +118,56 @@ def test_pipeline_teacher_caches_scores(cands, tmp_path):
         return frame.assign(score=frame["text"].str.len().astype(float) + frame["docno"].map(ord))
 
     teacher = pt.apply.generic(score)
-    cached = PipelineTeacher(teacher, cache_dir=tmp_path)
+    cached = PipelineTeacher(teacher, cache_dir=tmp_path, key="length-teacher")
     first = cached.scores(cands)
-    second = PipelineTeacher(teacher, cache_dir=tmp_path).scores(cands)
+    second = PipelineTeacher(teacher, cache_dir=tmp_path, key="length-teacher").scores(cands)
     np.testing.assert_array_equal(first, second)
     assert calls == [5]
+    # a changed text under the same docno is scored afresh
+    changed = cands.assign(text=cands["text"].where(cands.index != 0, "a new text"))
+    again = PipelineTeacher(teacher, cache_dir=tmp_path, key="length-teacher").scores(changed)
+    assert calls == [5, 1] and again[0] != first[0] and (again[1:] == first[1:]).all()
     assert isinstance(as_teacher(teacher), PipelineTeacher)
     assert isinstance(as_teacher([cands.assign(score=1.0)]), Ensemble)
     with pytest.raises(TypeError, match="A teacher is"):
         as_teacher(42)
+
+
+def test_teachers_that_print_alike_never_share_a_cache(cands, tmp_path):
+    one = pt.apply.generic(lambda f: f.assign(score=1.0))
+    two = pt.apply.generic(lambda f: f.assign(score=2.0))
+    assert repr(one) == repr(two)  # what the old cache was keyed by
+    with pytest.warns(UserWarning, match="no stable identity"):
+        first = PipelineTeacher(one, cache_dir=tmp_path).scores(cands)
+    with pytest.warns(UserWarning, match="no stable identity"):
+        second = PipelineTeacher(two, cache_dir=tmp_path).scores(cands)
+    assert (first == 1.0).all() and (second == 2.0).all()
+    assert not any(tmp_path.iterdir())  # nothing cached under a name that is not an identity
+
+
+def test_crossencoder_teachers_differing_in_precision_or_text_field_do_not_share_a_cache(tiny_model_dir, tmp_path):
+    from pyterrier_ce.identity import identity_of
+
+    frame = pd.DataFrame({"qid": ["1", "1"], "query": ["flea life", "flea life"], "docno": ["a", "b"],
+                          "text": ["a flea can live up to a year", "music"], "title": ["music", "fleas"]})
+    fp32 = CrossEncoder(str(tiny_model_dir), max_length=32)
+    int8 = CrossEncoder(str(tiny_model_dir), max_length=32, precision="int8")
+    title = CrossEncoder(str(tiny_model_dir), max_length=32, text_field="title")
+    assert len({repr(fp32), repr(int8), repr(title)}) == 3
+    paths = {PipelineTeacher(t, cache_dir=tmp_path).cache_path() for t in (fp32, int8, title)}
+    assert len(paths) == 3
+    by_title = PipelineTeacher(title, cache_dir=tmp_path).scores(frame)
+    by_text = PipelineTeacher(fp32, cache_dir=tmp_path).scores(frame)
+    np.testing.assert_allclose(by_title, title(frame).set_index("docno").loc[["a", "b"], "score"], rtol=1e-6)
+    assert not np.allclose(by_title, by_text)
+    # pipelines of parts with an identity have one; a part without one leaves the whole without
+    assert identity_of(fp32 % 10) is not None and identity_of(pt.apply.generic(lambda f: f) >> fp32) is None
+
+
+def test_a_teacher_without_scores_is_named(cands):
+    teacher = pt.apply.generic(lambda f: f.assign(relevance=1.0))
+    with pytest.raises(ValueError, match="returned no `score` column"):
+        PipelineTeacher(teacher).scores(cands)
 
 
 # -- students ---------------------------------------------------------------------------------

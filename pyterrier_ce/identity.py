@@ -1,0 +1,48 @@
+"""What a scorer computes, as a value that is the same in every process: the key of on-disk
+caches (teacher scores), never how the scorer prints.
+
+Two ``pt.apply.generic(...)`` transformers print alike whatever their functions do, so a printed
+name is no identity. A transformer has one here when it says so itself (an ``identity_key()``
+method, as :class:`~pyterrier_ce.CrossEncoder` and the BEIR text loader have), or when it is one
+of PyTerrier's operators (``>>``, ``%``, ``+``, ``*``, ...) over transformers that have one, or an
+ir_datasets text loader. Anything else has none (:func:`identity_of` gives ``None``) and is not
+cached across runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Optional
+
+
+def identity_of(transformer: Any) -> Optional[Any]:
+    """A JSON-able value naming exactly what ``transformer`` computes, or ``None`` when unknown."""
+    own = getattr(transformer, "identity_key", None)
+    if callable(own):
+        return [type(transformer).__name__, own()]
+    kind = type(transformer).__name__
+    module = type(transformer).__module__ or ""
+    if module.startswith("pyterrier._ops"):
+        if hasattr(transformer, "_transformers"):  # >>, ** (feature union), ...
+            parts = [identity_of(t) for t in transformer._transformers]
+        elif hasattr(transformer, "left"):  # +, |, &, ^
+            parts = [identity_of(transformer.left), identity_of(transformer.right)]
+        elif kind == "RankCutoff":
+            return [kind, transformer.k]
+        elif kind == "ScalarProduct":
+            return [kind, transformer.scalar]
+        else:
+            return None
+        return None if any(p is None for p in parts) else [kind, parts]
+    if kind == "IRDSTextLoader":  # pt.text.get_text(pt.get_dataset("irds:..."), fields)
+        dataset = getattr(transformer, "dataset", None)
+        name = getattr(dataset, "_irds_id", None) or getattr(dataset, "irds_id", None)
+        fields = getattr(transformer, "fields", None)
+        return [kind, str(name), list(fields)] if name and fields is not None else None
+    return None
+
+
+def digest(value: Any, length: int = 16) -> str:
+    """A short hex digest of a JSON-able value (stable across processes and runs)."""
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=length // 2).hexdigest()
