@@ -21,9 +21,10 @@ setup(
         "accelerate>=0.34",
         "safetensors",
         "pyyaml",
+        "pyterrier-caching",  # the on-disk cache of pipeline teachers' scores
     ],
     extras_require={
-        "test": ["pytest", "sentence-transformers>=4", "pyterrier-caching", "matplotlib", "tabulate",
+        "test": ["pytest", "sentence-transformers>=4", "matplotlib", "tabulate",
                  "nbclient", "nbformat", "ipykernel"],  # the notebooks run in tests/test_notebooks.py
         "bench": ["sentence-transformers>=4", "datasets", "tabulate", "matplotlib"],
         "notebooks": ["jupyter", "nbconvert", "matplotlib", "tabulate", "sentence-transformers>=4"],

@@ -25,6 +25,22 @@ class TrainingLog:
             with open(self.path, "a", encoding="utf8") as f:
                 f.write(json.dumps(row) + "\n")
 
+    def __repr__(self) -> str:
+        steps = [r for r in self.rows if r.get("event") == "step"]
+        parts = [f"{len(steps)} steps"]
+        if steps:
+            head, tail = steps[: min(10, len(steps))], steps[-min(10, len(steps)):]
+            mean = lambda rows: sum(r["loss"] for r in rows) / len(rows)  # noqa: E731
+            parts.append(f"loss {mean(head):.4f} -> {mean(tail):.4f} (first and last {len(tail)} steps)")
+            parts.append(f"{steps[-1].get('elapsed_s', 0):.0f} s")
+        valid = [r for r in self.rows if r.get("event") == "valid"]
+        if valid:
+            best = max(valid, key=lambda r: r["value"])
+            parts.append(f"{len(valid)} validations, best {best['metric']} {best['value']:.4f} at step {best['step']}")
+        if self.path:
+            parts.append(str(self.path))
+        return f"TrainingLog({', '.join(parts)})"
+
     def frame(self, event: Optional[str] = None) -> pd.DataFrame:
         """The rows as a frame, optionally only those of one ``event``."""
         rows = [r for r in self.rows if event is None or r.get("event") == event]

@@ -42,6 +42,40 @@ def _folder_fingerprint(folder: str) -> Optional[str]:
     return digest.hexdigest()
 
 
+def ranked(inp: pd.DataFrame, scores: np.ndarray) -> pd.DataFrame:
+    """``inp`` with ``score`` and a 0-based ``rank`` per query (by descending score; ties keep
+    input order), sorted by query and rank."""
+    out = inp.assign(score=np.asarray(scores).astype(np.float64))
+    out["rank"] = out.groupby("qid", sort=False)["score"].rank(ascending=False, method="first").astype("int64") - 1
+    return out.sort_values(["qid", "rank"], kind="stable").reset_index(drop=True)
+
+
+def judgements(qrels: Optional[pd.DataFrame], what: str) -> Optional[pd.DataFrame]:
+    """``qrels`` with ``qid``, ``docno`` and ``label`` (ir_datasets' ``relevance`` is read as ``label``)."""
+    if qrels is None:
+        return None
+    if not isinstance(qrels, pd.DataFrame):
+        raise TypeError(f"{what} must be a DataFrame (qid, docno, label), not {type(qrels).__name__}.")
+    if "label" not in qrels.columns and "relevance" in qrels.columns:
+        qrels = qrels.rename(columns={"relevance": "label"})
+    missing = [c for c in ("qid", "docno", "label") if c not in qrels.columns]
+    if missing:
+        raise ValueError(f"{what} has no {missing} column(s) (it has {list(qrels.columns)}): judgements need "
+                         f"qid, docno and label (higher is better), as dataset.get_qrels() gives them.")
+    return qrels
+
+
+def validation_judgements(qrels: pd.DataFrame, valid: pd.DataFrame) -> pd.DataFrame:
+    """The judgements of the validation queries only: judgements of other queries would count as
+    queries with nothing retrieved and dilute the metric. Refuses when none are left."""
+    kept = qrels[qrels["qid"].astype(str).isin(set(valid["qid"].astype(str)))]
+    if len(kept) == 0:
+        raise ValueError(
+            f"valid_qrels judge none of the {valid['qid'].nunique()} validation queries: pass the judgements of "
+            f"the same queries (e.g. the same split's get_qrels()), with matching qids.")
+    return kept
+
+
 class CrossEncoder(pt.Estimator):
     """A transformer cross-encoder that scores (query, text) pairs: a PyTerrier reranker.
 
@@ -66,7 +100,8 @@ class CrossEncoder(pt.Estimator):
         precision: ``"auto"`` (bf16/fp16 on GPU, fp32 on CPU), ``"fp32"``, ``"bf16"``, ``"fp16"``,
             or ``"int8"``: opt-in faster CPU scoring with dynamically quantised linear layers
             (scores change slightly; training still runs in fp32/bf16).
-        verbose: Show progress bars.
+        verbose: Show progress bars (scoring; training with its loss and validation value) and
+            the sampling report of ``fit``; ``False`` turns them off.
         trust_remote_code: Let transformers run code shipped with the model (off by default).
         num_layers: Build a smaller student from ``num_layers`` of the backbone's layers, evenly
             spaced from the first (6 -> 3 keeps layers 0, 2, 4), as DistilBERT did.
@@ -89,7 +124,7 @@ class CrossEncoder(pt.Estimator):
         text_field: str = "text",
         device: Optional[Union[str, torch.device]] = None,
         precision: str = "auto",
-        verbose: bool = False,
+        verbose: bool = True,
         trust_remote_code: bool = False,
         num_layers: Optional[int] = None,
         layers: Optional[list] = None,
@@ -134,6 +169,8 @@ class CrossEncoder(pt.Estimator):
             self._fingerprint: Optional[str] = _folder_fingerprint(os.fspath(model))
         else:
             self._fingerprint = self.weights_fingerprint()
+        # The model this one started from, kept through training: what a resumed run must start from too.
+        self._origin = {k: v for k, v in self.identity_key().items() if k in ("model", "layers", "weights", "tokenizer")}
 
     def _check_max_length(self, max_length: Optional[int], name: str = "max_length") -> int:
         limit = getattr(self.model.config, "max_position_embeddings", None)
@@ -291,11 +328,7 @@ class CrossEncoder(pt.Estimator):
                 f"CrossEncoder: {', '.join(f'{n} rows have an empty `{c}`' for c, n in empty.items() if n)}; "
                 f"they are scored as given. Fill or drop them before reranking if that is not intended.",
                 stacklevel=2)
-        scores = self.score_pairs(queries.tolist(), texts.tolist())
-        out = inp.assign(score=scores.astype(np.float64))
-        # 0-based rank by descending score; ties keep input order
-        out["rank"] = out.groupby("qid", sort=False)["score"].rank(ascending=False, method="first").astype("int64") - 1
-        return out.sort_values(["qid", "rank"], kind="stable").reset_index(drop=True)
+        return ranked(inp, self.score_pairs(queries.tolist(), texts.tolist()))
 
     # -- training ---------------------------------------------------------------------------
 
@@ -346,10 +379,12 @@ class CrossEncoder(pt.Estimator):
         if s.train_max_length is not None:
             self._check_max_length(s.train_max_length, "train_max_length")
         train = self._candidates(train, s.first_stage, "train")
+        train_qrels = judgements(train_qrels, "train_qrels")
         if (valid is None) != (valid_qrels is None):
             raise ValueError("Pass both valid and valid_qrels for validation, or neither.")
         if valid is not None:
             valid = self._candidates(valid, s.first_stage, "valid")
+            valid_qrels = validation_judgements(judgements(valid_qrels, "valid_qrels"), valid)
         from . import objectives
         from .sampling import GroupSampler
         from .training import Trainer
@@ -358,9 +393,11 @@ class CrossEncoder(pt.Estimator):
         teacher_scores = self._teacher_scores(s, objective, train)
         sampler = GroupSampler(train, train_qrels, group_size=s.group_size, negatives=s.negatives,
                                seed=s.seed, text_field=self.text_field, teacher_scores=teacher_scores)
-        if self.verbose and processes.is_main():
-            print(f"CrossEncoder.fit: {sampler.report}")
         trainer = Trainer(self, s, sampler, objective, valid, valid_qrels)
+        if self.verbose and processes.is_main():
+            left_out = (f"; {trainer.left_out_per_epoch} groups of each epoch left out, so that each of "
+                        f"{trainer.world} processes trains an equal share" if trainer.left_out_per_epoch else "")
+            print(f"CrossEncoder.fit: {sampler.report}{left_out}")
         try:
             self.history = trainer.run()
         finally:

@@ -193,7 +193,9 @@ class GroupSampler:
                 f"the first of each (in first-stage order) is kept. Drop duplicates before fit to silence this "
                 f"(frame.drop_duplicates(['qid', 'docno'])).", stacklevel=4)
             frame = frame[~duplicated]
-        empty = np.char.str_len(np.char.strip(self._texts[frame["_row"].to_numpy()].astype(str))) == 0
+        # one string at a time: a fixed-width copy of all texts would cost rows x the longest text
+        texts = self._texts[frame["_row"].to_numpy()]
+        empty = np.fromiter((not t or t.isspace() for t in texts), dtype=bool, count=len(texts))
         if empty.any():
             self.report.empty_texts = int(empty.sum())
             example = frame.loc[empty, ["qid", "docno"]].iloc[0].tolist()

@@ -33,6 +33,7 @@ from .atomic import recover_dir, replace_dir
 from .cls_only import cls_only_last_layer
 from .history import TrainingLog
 from .loading import is_head_parameter
+from .model import ranked
 from .sampling import Group, GroupSampler
 from .settings import TrainingSettings, resolve_lrs
 
@@ -49,6 +50,29 @@ class CheckpointError(RuntimeError):
 
 # What trainer_state.json must hold to resume.
 _STATE_KEYS = ("step", "best", "best_step", "evals_without_gain", "total_steps", "groups_per_step")
+
+
+def _objective_record(objective: torch.nn.Module) -> Dict[str, Any]:
+    """An objective's name and hyperparameters (its plain attributes), e.g. a temperature."""
+    params = {k: v for k, v in sorted(vars(objective).items())
+              if not k.startswith("_") and k != "training" and isinstance(v, (int, float, str, bool, type(None)))}
+    return {"name": getattr(objective, "name", "") or type(objective).__name__, **params}
+
+
+@contextlib.contextmanager
+def _without_autocast_wrapper(model: torch.nn.Module):
+    """Runs ``model`` without the mixed-precision wrapper Accelerate puts around its forward, so
+    that scoring chooses its own precision; the wrapper is back afterwards, for training."""
+    original = model.__dict__.get("_original_forward")
+    if original is None:
+        yield
+        return
+    wrapped = model.forward
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapped
 
 
 def _rng_file(rank: int) -> str:
@@ -168,6 +192,7 @@ class Trainer:
         self.measure = ir_measures.parse_measure(settings.eval_metric)
         keep_freed_memory()
         dtype = scoring.resolve_precision(settings.precision or ce.precision, ce.device, training=True)
+        self.precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
         # Accelerate keeps one process-wide state; a later fit with another precision (in the same
         # notebook, say) must start from a fresh one. The process group itself is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
@@ -178,7 +203,16 @@ class Trainer:
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.groups_per_step = settings.train_batch_size * settings.grad_accum_steps * self.world
-        self.steps_per_epoch = max(1, len(sampler) // self.groups_per_step)
+        # Every group of an epoch is trained, the last step taking what is left. Under several
+        # processes each process needs a share of every step, and equal shares weigh every group
+        # alike: the last step is cut to a multiple of the processes (the rest is reported).
+        self.left_out_per_epoch = len(sampler) % self.world
+        self.groups_per_epoch = len(sampler) - self.left_out_per_epoch
+        if self.groups_per_epoch == 0:
+            raise ValueError(
+                f"{len(sampler)} usable training queries for {self.world} processes: every process needs at least "
+                f"one query group per step. Train on more queries, or launch fewer processes.")
+        self.steps_per_epoch = math.ceil(self.groups_per_epoch / self.groups_per_step)
         self.total_steps = settings.max_steps or self.steps_per_epoch * settings.epochs
         self.checkpoint_dir = Path(settings.checkpoint_dir) if settings.checkpoint_dir else None
         log_file = settings.log_file or (self.checkpoint_dir / "log.jsonl" if self.checkpoint_dir else None)
@@ -217,16 +251,22 @@ class Trainer:
         self.token_types = scoring.uses_token_types(self.ce.model)
         self.pad_id = scoring.pad_token_id(self.ce.tokenizer)
 
+    def _data_digest(self) -> int:
+        """A 56-bit digest of the first epoch's groups (queries, documents and targets): the
+        training data as the run sees it, labels or teacher scores included."""
+        if getattr(self, "_digest", None) is None:
+            digest = hashlib.blake2b(digest_size=7)  # 56 bits: fits a non-negative int64
+            for g in self.sampler.epoch(0):
+                digest.update("\x1f".join([g.qid, *g.docnos, *map(repr, g.targets)]).encode() + b"\x1e")
+            self._digest = int.from_bytes(digest.digest(), "little")
+        return self._digest
+
     def _check_same_data(self) -> None:
         """Under several processes, refuses training groups that differ between them: each
         process takes its slice of the same global batch, so they must draw the same groups."""
         if self.world == 1:
             return
-        digest = hashlib.blake2b(digest_size=7)  # 56 bits: fits a non-negative int64
-        for g in self.sampler.epoch(0):
-            digest.update("\x1f".join([g.qid, *g.docnos]).encode() + b"\x1e")
-        mine = torch.tensor([int.from_bytes(digest.digest(), "little")], dtype=torch.int64,
-                            device=self.accelerator.device)
+        mine = torch.tensor([self._data_digest()], dtype=torch.int64, device=self.accelerator.device)
         everyone = self.accelerator.gather(mine)
         if (everyone != everyone[0]).any():
             raise ValueError(
@@ -234,6 +274,36 @@ class Trainer:
                 "fit with the same train frame, qrels and settings (sort the candidates by qid and rank, and use "
                 "a deterministic first stage)."
             )
+
+    def run_record(self) -> Dict[str, Any]:
+        """What this run is: the starting model, the data and every setting that shapes the weights.
+        A checkpoint keeps it; resuming under a different record is refused."""
+        s = self.s
+        record = {
+            "model": self.ce._origin, "data": f"{self._data_digest():014x}", "objective": _objective_record(self.objective),
+            "seed": s.seed, "lr": self.lr, "head_lr": self.head_lr, "group_size": s.group_size,
+            "negatives": s.negatives, "train_max_length": s.train_max_length or self.ce.max_length,
+            "warmup": s.warmup, "weight_decay": s.weight_decay, "layer_decay": s.layer_decay,
+            "frozen_layers": s.frozen_layers, "dropout": s.dropout, "attention_dropout": s.attention_dropout,
+            "max_grad_norm": s.max_grad_norm, "precision": self.precision, "total_steps": self.total_steps,
+            "groups_per_step": self.groups_per_step,
+        }
+        return json.loads(json.dumps(record, default=str))  # as it reads back from the file
+
+    def _check_same_run(self, folder: Path, state: Dict[str, Any]) -> None:
+        recorded, now = state.get("run"), self.run_record()
+        if recorded is None:
+            raise CheckpointError(
+                f"Cannot resume from {folder}: it holds no record of the run that wrote it (an older version "
+                f"wrote it), so a different model or settings could not be told apart. Start afresh: pass "
+                f"resume=False or another checkpoint_dir.")
+        differences = [f"{key}: {recorded.get(key)!r} in the checkpoint, {value!r} now"
+                       for key, value in now.items() if recorded.get(key) != value]
+        if differences:
+            raise ValueError(
+                f"Cannot resume from {folder}: it was written by another run ({'; '.join(differences)}). Resume with "
+                f"the model, training data and settings it was written with, or start afresh: pass resume=False or "
+                f"another checkpoint_dir (or delete {folder}).")
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -276,15 +346,15 @@ class Trainer:
             groups = self.sampler.epoch(epoch)
             for step_in_epoch in range(position, self.steps_per_epoch):
                 first = step_in_epoch * self.groups_per_step
-                batch = groups[first:first + self.groups_per_step]
+                batch = groups[first:min(first + self.groups_per_step, self.groups_per_epoch)]
                 loss = self._optimiser_step(batch)
                 self.step += 1
                 # the encoder's scheduled rate (groups differ only by a constant factor)
                 lr = self.lr * self.scheduler.get_last_lr()[0] / self.scheduler.base_lrs[0]
                 self.log.write(event="step", step=self.step, epoch=epoch, loss=loss, lr=lr,
-                               groups=self.step * self.groups_per_step,
+                               groups=epoch * self.groups_per_epoch + first + len(batch),
                                elapsed_s=round(time.perf_counter() - started, 3))
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **self._shown_validation())
                 progress.update(1)
                 end_of_epoch = step_in_epoch == self.steps_per_epoch - 1
                 done = self.step >= self.total_steps
@@ -497,14 +567,25 @@ class Trainer:
         return int(self.valid.groupby("qid").size().max())
 
     def evaluate(self) -> float:
-        """Reranks ``valid`` with the current weights and returns ``eval_metric``."""
-        verbose, self.ce.verbose = self.ce.verbose, False  # one progress bar: training's
-        try:
-            ranked = self.ce.transform(self.valid)
-        finally:
-            self.ce.verbose = verbose
-        result = pt.Evaluate(ranked, self.valid_qrels, metrics=[self.measure])
+        """Reranks ``valid`` with the current weights and returns ``eval_metric``.
+
+        The model being trained scores at the CrossEncoder's scoring precision (so the value is
+        what the kept model gives when it reranks), never through a copy: ``precision="int8"``
+        validates in fp32, since a quantised copy would not follow the training.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        precision = "fp32" if self.ce.precision == "int8" else self.ce.precision
+        with _without_autocast_wrapper(model):
+            scores = scoring.score_pairs(
+                model, self.ce.tokenizer, self.valid["query"].astype(str).tolist(),
+                self.valid[self.ce.text_field].astype(str).tolist(), batch_size=self.ce.batch_size,
+                max_length=self.ce.max_length, device=self.accelerator.device, precision=precision, verbose=False)
+        result = pt.Evaluate(ranked(self.valid, scores), self.valid_qrels, metrics=[self.measure])
         return float(result[str(self.measure)])
+
+    def _shown_validation(self) -> Dict[str, str]:
+        """The best validation value so far, for the progress bar."""
+        return {} if self.best is None else {str(self.measure): f"{self.best:.4f}"}
 
     def _validate(self) -> bool:
         """Validates; keeps the best model; returns whether patience has run out."""
@@ -569,7 +650,8 @@ class Trainer:
         torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
         state = {"step": self.step, "best": self.best, "best_step": self.best_step,
                  "evals_without_gain": self.evals_without_gain, "total_steps": self.total_steps,
-                 "groups_per_step": self.groups_per_step, "processes": self.world, "seed": self.s.seed}
+                 "groups_per_step": self.groups_per_step, "processes": self.world, "seed": self.s.seed,
+                 "run": self.run_record()}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         replace_dir(tmp, self.checkpoint_dir / "last")
 
@@ -612,6 +694,7 @@ class Trainer:
                 f"Cannot resume from {folder}: {current} is unreadable or corrupt ({type(err).__name__}: {err}). "
                 f"Remove the folder (or point checkpoint_dir elsewhere) to start afresh."
             ) from err
+        self._check_same_run(folder, state)
         if state["groups_per_step"] != self.groups_per_step:
             raise ValueError(
                 f"{folder} was written with {state['groups_per_step']} groups per step, this run has "

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 import pandas as pd
 import torch
 from safetensors.torch import load_file
@@ -101,3 +102,22 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, tmp_
     assert sorted(p.name for p in run.iterdir()) == ["last", "log.jsonl"]
     torch.testing.assert_close(load_file(run / "last" / "model.safetensors")["classifier.weight"],
                                ddp["classifier.weight"], rtol=0, atol=0)
+
+
+def test_fewer_groups_than_processes_is_refused_rather_than_hanging(tiny_model_dir, tmp_path):
+    candidates, qrels = synthetic(1)  # one usable query for two processes
+    candidates.to_pickle(tmp_path / "candidates.pkl")
+    qrels.to_pickle(tmp_path / "qrels.pkl")
+    pd.to_pickle(SETTINGS, tmp_path / "settings.pkl")
+    (tmp_path / "train.py").write_text(_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             str(tmp_path / "train.py"), str(tiny_model_dir), str(tmp_path), str(tmp_path / "ddp")],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("two processes training one query group hung")
+    assert done.returncode != 0
+    assert "1 usable training queries for 2 processes" in done.stderr

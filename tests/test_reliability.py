@@ -181,7 +181,20 @@ def test_train_max_length_beyond_the_model_limit(tiny_model_dir, small_task):
 def good_checkpoint(tiny_model_dir, small_task, tmp_path_factory) -> Path:
     candidates, qrels = small_task
     folder = tmp_path_factory.mktemp("good-checkpoint")
-    make(tiny_model_dir, max_steps=2, checkpoint_every=2, checkpoint_dir=str(folder)).fit(candidates, qrels)
+    # a 4-step run killed after its checkpoint at step 2: what a resume continues
+    from pyterrier_ce.training import Trainer
+
+    real = Trainer._optimiser_step
+
+    def killed_at_step_3(self, batch):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return real(self, batch)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "_optimiser_step", killed_at_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            make(tiny_model_dir, max_steps=4, checkpoint_every=2, checkpoint_dir=str(folder)).fit(candidates, qrels)
     return folder
 
 

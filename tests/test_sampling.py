@@ -67,3 +67,23 @@ def test_errors(candidates, qrels):
         GroupSampler(candidates, qrels, negatives="hard")
     with pytest.raises(ValueError, match="group_size"):
         GroupSampler(candidates, qrels, group_size=1)
+
+
+def test_memory_does_not_grow_with_the_longest_text():
+    import tracemalloc
+
+    rows = 1000
+    texts = [f"a short passage {i}" for i in range(rows)]
+    texts[7] = "long " * 4_000  # one 20,000-character document among short ones
+    frame = pd.DataFrame({"qid": [str(i // 10) for i in range(rows)], "query": "q",
+                          "docno": [str(i) for i in range(rows)], "text": texts})
+    qrels = pd.DataFrame({"qid": [str(i) for i in range(rows // 10)], "docno": [str(i * 10) for i in range(rows // 10)],
+                          "label": 1})
+    tracemalloc.start()
+    try:
+        GroupSampler(frame, qrels, group_size=4)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # a fixed-width copy of every text would take rows x 20,000 x 4 bytes = 80 MB
+    assert peak < 10e6, f"{peak / 1e6:.0f} MB"
