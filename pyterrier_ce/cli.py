@@ -57,6 +57,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     run.add_argument("--workdir", help="where models, runs and results go (overrides the config's `workdir`)")
     run.set_defaults(run=_run)
     args = parser.parse_args(argv)
+    from .logs import console
+
+    console.stream_name = "stdout"  # the command's messages go with its other output
     args.run(args)
 
 

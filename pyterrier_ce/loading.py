@@ -57,9 +57,9 @@ def _load(model: ModelLike, *, trust_remote_code: bool, torch_dtype: Optional[to
             f"CrossEncoder(model=...) takes a hub name, a folder or a transformers PreTrainedModel, "
             f"not {type(model).__name__}."
         )
-    name = os.fspath(model)
+    name = os.path.expanduser(os.fspath(model))
     _refuse_pickled_weights(name)
-    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    config = load_config(name, trust_remote_code=trust_remote_code)
     # Only safetensors: a pickled pytorch_model.bin can run code when it is loaded.
     kwargs = dict(trust_remote_code=trust_remote_code, use_safetensors=True)
     if torch_dtype is not None:
@@ -83,6 +83,28 @@ def _load(model: ModelLike, *, trust_remote_code: bool, torch_dtype: Optional[to
             raise OSError(f"{name}: {_CONVERT_HINT} ({err})") from err
         raise
     return loaded, name
+
+
+def looks_like_a_path(name: str) -> bool:
+    """Whether ``name`` can only be a local path: a hub id is ``name`` or ``org/name``."""
+    return (name.startswith((".", "/", "~")) or os.path.isabs(name) or name.count("/") > 1
+            or (os.sep != "/" and os.sep in name))
+
+
+def load_config(name: str, *, trust_remote_code: bool = False) -> transformers.PretrainedConfig:
+    """A model's config from a folder or the hub, with one clear sentence when there is neither."""
+    if not os.path.isdir(name) and looks_like_a_path(name):
+        raise FileNotFoundError(f"No model folder at {name}: check the path (a hub name is 'name' or 'org/name').")
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        if os.path.isdir(name):
+            raise
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise OSError(
+            f"{name} is not a local folder, and it could not be loaded from the Hugging Face hub ({first}). Check the "
+            f"folder path, or the model name and the connection (offline, only models already in the cache load)."
+        ) from err
 
 
 @contextlib.contextmanager
@@ -197,6 +219,31 @@ def load_tokenizer(
             "(a tokenizer object, hub name or folder)."
         )
     return AutoTokenizer.from_pretrained(os.fspath(source), trust_remote_code=trust_remote_code)
+
+
+def check_tokenizer_fits(tokenizer: transformers.PreTrainedTokenizerBase, model: PreTrainedModel, source: str) -> None:
+    """Refuses a tokenizer whose vocabulary does not fit the model's embeddings.
+
+    More tokens than embedding rows gives ids out of range; far fewer (under half) is the sign
+    of a folder saved without its tokenizer files, from which transformers builds a tokenizer of
+    a few special tokens that turns every word into [UNK], silently. Real tokenizers may be a
+    little smaller than the embedding matrix, which is often padded (Qwen2: 151,665 of 151,936).
+    """
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None) or getattr(model.config, "vocab_size", None)
+    if not rows:
+        return
+    tokens = len(tokenizer)
+    if tokens > rows:
+        problem = f"more tokens than the model has embeddings ({tokens} > {rows}), so some ids are out of range"
+    elif tokens < rows // 2:
+        problem = (f"only {tokens} tokens for the model's {rows} embeddings (a folder saved without its tokenizer "
+                   f"files gives a tokenizer of a few special tokens that reads every word as unknown)")
+    else:
+        return
+    raise ValueError(
+        f"The tokenizer of {source or 'the model'} does not fit the model: {problem}. Pass tokenizer= (a name or "
+        f"folder), e.g. the model it was fine-tuned from, or save the tokenizer into the model's folder.")
 
 
 def _layer_list(model: PreTrainedModel) -> Tuple[torch.nn.Module, str]:

@@ -12,13 +12,13 @@ import numpy as np
 import pandas as pd
 import pyterrier as pt
 import torch
-import transformers
 from transformers import PreTrainedTokenizerBase
 
 from . import scoring
 from . import processes
 from .atomic import save_files
-from .loading import ModelLike, keep_layers, load_model, load_tokenizer, quiet_transformers, student_layers
+from .logs import logger
+from .loading import ModelLike, check_tokenizer_fits, keep_layers, load_model, load_tokenizer, quiet_transformers, student_layers
 from .settings import TrainingSettings
 
 # Written into config.json so that sentence-transformers' CrossEncoder returns raw logits, as we do.
@@ -95,7 +95,8 @@ class CrossEncoder(pt.Estimator):
         batch_size: Pairs per forward pass when scoring.
         max_length: Token budget of a (query, text) pair (default: the one saved with the model by
             :meth:`save_pretrained`, else the model's limit, at most 512).
-        text_field: The column holding the document text.
+        text_field: The column holding the document text (default: the one saved with the model
+            by :meth:`save_pretrained`, else ``"text"``).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...; ``None`` picks CUDA when present.
         precision: ``"auto"`` (bf16/fp16 on GPU, fp32 on CPU), ``"fp32"``, ``"bf16"``, ``"fp16"``,
             or ``"int8"``: opt-in faster CPU scoring with dynamically quantised linear layers
@@ -121,7 +122,7 @@ class CrossEncoder(pt.Estimator):
         tokenizer: Optional[Union[str, os.PathLike, PreTrainedTokenizerBase]] = None,
         batch_size: int = 32,
         max_length: Optional[int] = None,
-        text_field: str = "text",
+        text_field: Optional[str] = None,
         device: Optional[Union[str, torch.device]] = None,
         precision: str = "auto",
         verbose: bool = True,
@@ -133,8 +134,8 @@ class CrossEncoder(pt.Estimator):
     ):
         if precision not in scoring.PRECISIONS:
             raise ValueError(f"precision={precision!r} is not one of {scoring.PRECISIONS}.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, not {batch_size}.")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number of at least 1, not {batch_size!r}.")
         self.device = scoring.resolve_device(device)
         self.model, self._name = load_model(model, trust_remote_code=trust_remote_code)
         if num_layers is not None and layers is not None:
@@ -147,15 +148,16 @@ class CrossEncoder(pt.Estimator):
             keep_layers(self.model, self.layers)
         self.model.to(self.device).eval()
         self.tokenizer = load_tokenizer(tokenizer, self._name, trust_remote_code=trust_remote_code)
+        check_tokenizer_fits(self.tokenizer, self.model, str(tokenizer if tokenizer is not None else self._name))
         # part of the identity when it is not the model's own tokenizer
         self._tokenizer_source = None if tokenizer is None else (
             os.fspath(tokenizer) if isinstance(tokenizer, (str, os.PathLike))
             else f"{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}")
         self.batch_size = batch_size
-        if max_length is None:  # a model saved by save_pretrained scores as it did before
-            max_length = (getattr(self.model.config, _CONFIG_KEY, None) or {}).get("max_length")
-        self.max_length = self._check_max_length(max_length)
-        self.text_field = text_field
+        # a model saved by save_pretrained scores as it did before, whichever way it is loaded
+        saved = getattr(self.model.config, _CONFIG_KEY, None) or {}
+        self.max_length = self._check_max_length(max_length if max_length is not None else saved.get("max_length"))
+        self.text_field = text_field or saved.get("text_field") or "text"
         self.precision = precision
         self.verbose = verbose
         self.trust_remote_code = trust_remote_code
@@ -178,6 +180,8 @@ class CrossEncoder(pt.Estimator):
             limit -= 2  # RoBERTa-style position ids start after the padding index
         if max_length is None:
             return min(512, limit) if limit is not None else 512
+        if isinstance(max_length, bool) or not isinstance(max_length, int):
+            raise ValueError(f"{name} must be a whole number of tokens, not {max_length!r}.")
         if max_length < 8:
             raise ValueError(f"{name}={max_length} leaves no room for a query and a text: pass 8 or more.")
         if limit is not None and max_length > limit:
@@ -320,15 +324,21 @@ class CrossEncoder(pt.Estimator):
             out = inp.assign(score=pd.Series(dtype="float64"), rank=pd.Series(dtype="int64"))
             return out
         self._check_values(inp, "reranking")
-        queries, texts = inp["query"].astype(str), inp[self.text_field].astype(str)
-        empty = {c: int((v.str.strip() == "").sum()) for c, v in (("query", queries), (self.text_field, texts))}
+        queries, texts = scoring.as_strings(inp["query"]), scoring.as_strings(inp[self.text_field])
+        empty = {column: sum(1 for value in values if not value.strip())
+                 for column, values in (("query", queries), (self.text_field, texts))}
         if any(empty.values()):
             # Real collections have a few empty documents: they are scored, not refused.
             warnings.warn(
                 f"CrossEncoder: {', '.join(f'{n} rows have an empty `{c}`' for c, n in empty.items() if n)}; "
                 f"they are scored as given. Fill or drop them before reranking if that is not intended.",
                 stacklevel=2)
-        return ranked(inp, self.score_pairs(queries.tolist(), texts.tolist()))
+        try:
+            scores = self.score_pairs(queries, texts)
+        except scoring.UntokenizablePair as err:
+            row = inp.iloc[err.index]
+            raise err.at(err.index, f"CrossEncoder: the row of qid {row['qid']!r}, docno {row['docno']!r}") from None
+        return ranked(inp, scores)
 
     # -- training ---------------------------------------------------------------------------
 
@@ -397,7 +407,7 @@ class CrossEncoder(pt.Estimator):
         if self.verbose and processes.is_main():
             left_out = (f"; {trainer.left_out_per_epoch} groups of each epoch left out, so that each of "
                         f"{trainer.world} processes trains an equal share" if trainer.left_out_per_epoch else "")
-            print(f"CrossEncoder.fit: {sampler.report}{left_out}")
+            logger.info(f"CrossEncoder.fit: {sampler.report}{left_out}")
         try:
             self.history = trainer.run()
         finally:
@@ -480,12 +490,6 @@ class CrossEncoder(pt.Estimator):
         """Loads a folder written by :meth:`save_pretrained` (or any Hugging Face model).
 
         Settings saved with the model (``max_length``, ``text_field``) are restored unless given
-        in ``kwargs``.
+        in ``kwargs``, as by the constructor itself.
         """
-        config = transformers.AutoConfig.from_pretrained(
-            os.fspath(path), trust_remote_code=kwargs.get("trust_remote_code", False)
-        )
-        saved = getattr(config, _CONFIG_KEY, None) or {}
-        for key, value in saved.items():
-            kwargs.setdefault(key, value)
         return cls(path, **kwargs)

@@ -18,6 +18,8 @@ from typing import List, Optional
 import numpy as np
 import pandas as pd
 
+from .scoring import as_strings
+
 NEGATIVES = ("random", "top")
 
 
@@ -127,7 +129,7 @@ class GroupSampler:
         if qrels is None:
             qrels = pd.DataFrame({"qid": pd.Series(dtype=str), "docno": pd.Series(dtype=str), "label": pd.Series(dtype=int)})
         self._docnos = candidates["docno"].astype(str).to_numpy()
-        self._texts = candidates[text_field].astype(str).to_numpy()
+        self._texts = np.array(as_strings(candidates[text_field]), dtype=object)
         self._queries = self._index(candidates, qrels)
 
     def _index(self, candidates: pd.DataFrame, qrels: pd.DataFrame) -> List[_Query]:

@@ -20,6 +20,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .cls_only import cls_only_last_layer
+from .logs import logger
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
@@ -108,6 +109,30 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def as_strings(column) -> List[str]:
+    """A column's values as Python strings. Not through pandas' string dtype, which (Arrow-backed)
+    refuses text that is not valid UTF-8 before the tokenizer could name the row."""
+    return [value if isinstance(value, str) else str(value) for value in column.tolist()]
+
+
+# Characters kept of each side of a pair before tokenising, per token of the budget (see tokenize_pairs).
+CHARS_PER_TOKEN = 32
+
+
+class UntokenizablePair(ValueError):
+    """A (query, text) pair the tokenizer cannot read (a lone surrogate, a non-string value)."""
+
+    def __init__(self, index: int, reason: str):
+        self.index, self.reason = index, reason
+        super().__init__(f"pair {index}: {reason}")
+
+    def at(self, index: int, where: str = "") -> "UntokenizablePair":
+        """The same error for the pair's position in a larger input (``where`` names it)."""
+        error = UntokenizablePair(index, self.reason)
+        error.args = (f"{where or f'pair {index}'}: {self.reason}",)
+        return error
+
+
 def tokenize_pairs(
     tokenizer: PreTrainedTokenizerBase,
     queries: Sequence[str],
@@ -117,16 +142,38 @@ def tokenize_pairs(
     """Tokenises pairs jointly (``[CLS] query [SEP] text [SEP]``) without padding.
 
     Truncation is longest-first within ``max_length`` tokens, as in sentence-transformers, so
-    scores match a model saved from here and loaded there.
+    scores match a model saved from here and loaded there. A pair that cannot be tokenised is an
+    :class:`UntokenizablePair` naming its position.
     """
-    return tokenizer(
-        list(queries),
-        list(texts),
-        truncation=True,
-        max_length=max_length,
-        padding=False,
-        return_attention_mask=False,
-    ).data
+    # Longest-first truncation keeps a prefix of at most max_length tokens of each side, and which
+    # prefix depends only on those tokens and on whether each side is longer than that. A side cut
+    # to max_length * CHARS_PER_TOKEN characters still has more than max_length tokens (no ordinary
+    # token with the space before it is that long), so the ids are the same as without the cut,
+    # while a 100,000-character query costs no more than a text of the cut length.
+    limit = max_length * CHARS_PER_TOKEN
+    queries = [q[:limit] if isinstance(q, str) and len(q) > limit else q for q in queries]
+    texts = [t[:limit] if isinstance(t, str) and len(t) > limit else t for t in texts]
+    try:
+        return tokenizer(queries, texts, truncation=True, max_length=max_length, padding=False,
+                         return_attention_mask=False).data
+    except (TypeError, ValueError, UnicodeError) as err:
+        raise _first_untokenizable(queries, texts) or err
+
+
+def _first_untokenizable(queries: Sequence[str], texts: Sequence[str]) -> Optional[UntokenizablePair]:
+    """The first pair with a value a tokenizer cannot read (looked for only after a failure)."""
+    for index, pair in enumerate(zip(queries, texts)):
+        for side, value in zip(("query", "text"), pair):
+            if not isinstance(value, str):
+                return UntokenizablePair(index, f"its {side} is a {type(value).__name__}, not a string")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                return UntokenizablePair(
+                    index, f"its {side} holds {value[err.start:err.end]!r} at character {err.start}, which is not "
+                           f"valid text (a lone surrogate from a broken decode?); clean it, e.g. "
+                           f"text.encode('utf-8', 'replace').decode()")
+    return None
 
 
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -220,6 +267,8 @@ class CompiledModel:
             return self.model(**inputs)
         try:
             if self._compiled is None:
+                logger.info("CrossEncoder: compiling the model with torch.compile; the first batches take "
+                            "tens of seconds (compile_model=False skips this).")
                 self._compiled = torch.compile(self.model, dynamic=True)
             return self._compiled(**inputs)
         except Exception as err:  # the compiler's errors have no common base class
@@ -314,7 +363,11 @@ def score_pairs(
     limit = batch_size  # lowered for the rest of the call when a batch runs out of memory
 
     def tokenize(start: int) -> Dict[str, List[List[int]]]:
-        return tokenize_pairs(tokenizer, queries[start:start + CHUNK_SIZE], texts[start:start + CHUNK_SIZE], max_length)
+        try:
+            return tokenize_pairs(tokenizer, queries[start:start + CHUNK_SIZE], texts[start:start + CHUNK_SIZE],
+                                  max_length)
+        except UntokenizablePair as err:
+            raise err.at(start + err.index) from None
 
     def attempt(encoded: Dict[str, List[List[int]]], offset: int, rows: np.ndarray) -> None:
         # A frame of its own: after an out-of-memory error nothing here outlives the traceback.

@@ -577,8 +577,8 @@ class Trainer:
         precision = "fp32" if self.ce.precision == "int8" else self.ce.precision
         with _without_autocast_wrapper(model):
             scores = scoring.score_pairs(
-                model, self.ce.tokenizer, self.valid["query"].astype(str).tolist(),
-                self.valid[self.ce.text_field].astype(str).tolist(), batch_size=self.ce.batch_size,
+                model, self.ce.tokenizer, scoring.as_strings(self.valid["query"]),
+                scoring.as_strings(self.valid[self.ce.text_field]), batch_size=self.ce.batch_size,
                 max_length=self.ce.max_length, device=self.accelerator.device, precision=precision, verbose=False)
         result = pt.Evaluate(ranked(self.valid, scores), self.valid_qrels, metrics=[self.measure])
         return float(result[str(self.measure)])

@@ -34,7 +34,7 @@ def _write_vocab(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory) -> transformers.PreTrainedTokenizerBase:
     folder = tmp_path_factory.mktemp("tokenizer")
-    tok = transformers.BertTokenizerFast(vocab_file=str(_write_vocab(folder / "vocab.txt")), do_lower_case=True)
+    tok = transformers.BertTokenizerFast(vocab=str(_write_vocab(folder / "vocab.txt")), do_lower_case=True)
     tok.model_max_length = 128
     return tok
 

@@ -111,7 +111,7 @@ def test_pyterrier_transformer_contract():
     from pathlib import Path
 
     folder = Path(tempfile.mkdtemp())
-    tok = transformers.BertTokenizerFast(vocab_file=str(conftest._write_vocab(folder / "vocab.txt")))
+    tok = transformers.BertTokenizerFast(vocab=str(conftest._write_vocab(folder / "vocab.txt")))
     model = transformers.BertForSequenceClassification(tiny_config("bert", len(tok), num_labels=1))
     return CrossEncoder(str(save_tiny(folder, tok, model)), max_length=32)
 
