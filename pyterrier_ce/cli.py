@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 from typing import List, Optional
@@ -28,13 +29,21 @@ def _run(args: argparse.Namespace) -> None:
     try:
         run_config(args.config, data=args.data, workdir=args.workdir)
     except ConfigError as err:
-        raise SystemExit(f"pyterrier-ce run: {args.config}: {err}") from None
+        raise ConfigError(f"{args.config}: {err}") from err
+
+
+def _one_line(err: BaseException) -> str:
+    """An error as one line: the message (KeyError's without its quotes), lines joined."""
+    message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(str(message).split()) or type(err).__name__
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     from .demo import DemoConfig
 
-    parser = argparse.ArgumentParser(prog="pyterrier-ce", description="Train and run cross-encoder rerankers.")
+    parser = argparse.ArgumentParser(
+        prog="pyterrier-ce", description="Train and run cross-encoder rerankers.",
+        epilog="Errors are printed as one line; set PYTERRIER_CE_TRACEBACK=1 to see the full traceback.")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo", help="train all-MiniLM-L6-v2 on SQuAD (BM25 negatives) and compare with BM25 on SQuAD and TREC DL 2019")
@@ -60,7 +69,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     from .logs import console
 
     console.stream_name = "stdout"  # the command's messages go with its other output
-    args.run(args)
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except Exception as err:  # one line, not a traceback: bad input is the usual cause
+        if os.environ.get("PYTERRIER_CE_TRACEBACK"):
+            raise
+        # SystemExit with a message: printed to stderr, exit status 1
+        raise SystemExit(f"pyterrier-ce {args.command}: {_one_line(err)} "
+                         f"(PYTERRIER_CE_TRACEBACK=1 shows the traceback)") from None
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import pandas as pd
 import pyterrier as pt
 
+from . import processes
 from .data import BeirDataset
 from .model import CrossEncoder
 from .settings import TrainingSettings
@@ -408,16 +409,15 @@ class Runner:
     """
 
     def __init__(self, config: Config, log=print):
-        from accelerate import PartialState
-
         self.cfg = config
-        self.state = PartialState()
+        self.state = processes.state()
         self.main = self.state.is_main_process
         self._log = log
         self._started = time.perf_counter()
         self._data: Dict[str, BeirDataset] = {}
         self._candidates: Dict[str, Tuple[pd.DataFrame, pd.DataFrame]] = {}
         self._teacher = None
+        self._held_out: Optional[Dict[str, set]] = None
         self.trained: List[str] = []  # systems trained by this call
 
     def log(self, message: str) -> None:
@@ -482,7 +482,37 @@ class Runner:
         return {"backbone": system.model.backbone, "num_layers": system.model.num_layers,
                 "layers": system.model.layers, "objective": system.objective.name, "seed": system.seed,
                 "settings": self.cfg.system_settings(system), "train": self.cfg.train.key(),
+                "held_out": [spec.key() for spec in self._same_dataset_evaluations()],
                 "teacher": self.cfg.teacher if distils else None}
+
+    def _same_dataset_evaluations(self) -> List[DataSpec]:
+        return [spec for spec in self.cfg.evaluate if spec.dataset == self.cfg.train.dataset]
+
+    def held_out(self) -> Dict[str, int]:
+        """Training queries that an evaluation set of the same dataset also holds, per set: they are
+        left out of training, so that no system is evaluated on queries it was trained on."""
+        if self._held_out is None:
+            topics, _ = self.candidates(self.cfg.train)
+            trained = set(topics["qid"].astype(str))
+            self._held_out = {}
+            for spec in self._same_dataset_evaluations():
+                shared = trained & set(self.candidates(spec)[0]["qid"].astype(str))
+                if shared:
+                    self._held_out[spec.name] = shared
+        return {name: len(qids) for name, qids in self._held_out.items()}
+
+    def training_candidates(self) -> pd.DataFrame:
+        """The training candidates without the queries of any evaluation set (see :meth:`held_out`)."""
+        _, train = self.candidates(self.cfg.train)
+        if not self.held_out():
+            return train
+        excluded = set().union(*self._held_out.values())
+        kept = train[~train["qid"].astype(str).isin(excluded)]
+        if len(kept) == 0:
+            raise ConfigError(
+                f"Every training query is also in an evaluation set ({', '.join(self._held_out)}): train on another "
+                f"split (or other queries) than the ones you evaluate on.")
+        return kept
 
     def check_specs(self) -> None:
         """Refuses to mix results of an earlier, different config into this one."""
@@ -519,7 +549,7 @@ class Runner:
 
     def train(self, system: System) -> CrossEncoder:
         """Trains a system (resuming its checkpoint when there is one) and saves it."""
-        _, train = self.candidates(self.cfg.train)
+        train = self.training_candidates()
         qrels = self.dataset(self.cfg.train.dataset).get_qrels(self.cfg.train.split)
         constructor, training = _split_settings(self.cfg.system_settings(system))
         checkpoints = self.path("checkpoints", system.name)
@@ -607,6 +637,8 @@ class Runner:
         for spec in [cfg.train, *cfg.evaluate]:
             self.candidates(spec)
         self.state.wait_for_everyone()
+        for name, count in self.held_out().items():
+            self.log(f"{count} training queries are also in evaluation set {name}: left out of training")
         self.rerank(cfg.first_stage_name, None)
         for system in cfg.systems:
             model_dir = self.path("models", system.name)
@@ -646,6 +678,8 @@ class Runner:
         baseline = f"; paired t-tests against {self.cfg.baseline}" if self.cfg.baseline else ""
         correction = f", {self.cfg.correction} correction" if self.cfg.correction and self.cfg.baseline else ""
         lines += [f"Trained on {self.cfg.train.describe()}{baseline}{correction}.", ""]
+        for name, count in self.held_out().items():
+            lines += [f"{count} training queries that evaluation set {name} also holds were left out of training.", ""]
         for name, table in tables.items():
             table = compact(table)
             lines += [f"## {name}", "", f"{specs[name].describe()}.", ""]

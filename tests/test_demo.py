@@ -53,3 +53,34 @@ def test_demo_writes_one_table_per_dataset(tiny_model_dir, tmp_path, capsys):
         assert len(table) == 2 and table["name"].iloc[1].endswith(">> CrossEncoder")
         assert "nDCG@10 p-value" in table.columns
     assert (tmp_path / "out" / "model" / "model.safetensors").exists()
+
+
+def _cli(args, env=None):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    return subprocess.run([sys.executable, "-m", "pyterrier_ce", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=120)
+
+
+def test_the_command_line_reports_bad_input_in_one_line(tmp_path):
+    missing = tmp_path / "no-data"
+    done = _cli(["demo", "--data", str(missing), "--model", str(tmp_path)])
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pyterrier-ce demo: ") and str(missing) in lines[0]
+    shown = _cli(["demo", "--data", str(missing), "--model", str(tmp_path)], env={"PYTERRIER_CE_TRACEBACK": "1"})
+    assert "Traceback" in shown.stderr
+
+
+def test_the_demo_runs_each_first_stage_once(tiny_model_dir, tmp_path, recwarn):
+    data = tmp_path / "data"
+    data.mkdir()
+    toy_collection(data / "squad", with_candidates=False)
+    toy_collection(data / "trec_dl_2019", with_candidates=True)
+    main(["demo", "--data", str(data), "--model", str(tiny_model_dir), "--workdir", str(tmp_path / "work"),
+          "--train-queries", "8", "--test-queries", "4", "--max-length", "64"])
+    assert not [w for w in recwarn if "shared pipeline components" in str(w.message)]

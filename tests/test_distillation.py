@@ -277,3 +277,34 @@ def test_pipeline_teacher_in_fit_scores_once(tiny_model_dir, task, tmp_path):
                                teacher=big, teacher_cache=str(tmp_path))
         student.fit(candidates, qrels)
     assert calls == [len(candidates)]
+
+
+def test_the_readme_distillation_snippet_runs(tiny_model_dir, toy_beir_dir, tmp_path, monkeypatch):
+    """The README's distillation block, run as written: names it leaves to the reader are bound to
+    tiny stand-ins (the hub name to a tiny model, bm25 to the toy collection's candidates)."""
+    import re
+
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"### Distillation\n\n```python\n(.*?)```", readme, re.S).group(1)
+    from pyterrier_ce import BeirDataset
+
+    squad = BeirDataset(toy_beir_dir)
+    train = squad.get_topics("train")
+    run = pd.DataFrame([(q, d, r, 10.0 - r) for q in train["qid"] for r, d in enumerate(["d1", "d2", "d3", "d4"])],
+                       columns=["qid", "docno", "rank", "score"])
+    bm25 = pt.Transformer.from_df(run.merge(train, on="qid")) >> squad.text_loader("text")
+    monkeypatch.chdir(tmp_path)
+    pt.io.write_results(run, "llm-ranking.run")
+
+    def tiny(name, **kwargs):
+        assert name == "my-6-layer-reranker"
+        return CrossEncoder(str(tiny_model_dir), max_length=32, max_steps=1, train_batch_size=2, **kwargs)
+
+    namespace = {"CrossEncoder": tiny, "bm25": bm25, "squad": squad,
+                 "teacher_a": tiny("my-6-layer-reranker"), "teacher_b": tiny("my-6-layer-reranker", seed=1)}
+    exec(compile(block, "README.md", "exec"), namespace)
+    student = namespace["student"]
+    assert student.history.frame("start")["objective"].iloc[0] == "kl"
+    assert student.layers == [0, 1]

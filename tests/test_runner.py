@@ -179,3 +179,61 @@ def test_example_config_parses(data_dir):
     config = load_config(REPO / "configs" / "objectives-small.yaml", data=data_dir)
     assert [s.name for s in config.systems] == ["minilm-infonce-s42", "minilm-bce-s42"]
     assert [e.name for e in config.evaluate] == ["squad", "trec_dl_2019"]
+
+
+def test_training_queries_that_an_evaluation_set_holds_are_left_out(config, tmp_path, capsys):
+    # an evaluation set drawn from the training split: 3 of its 8 queries
+    config = {**config, "objectives": ["infonce"],
+              "evaluate": [{"name": "seen", "dataset": "toy", "split": "train", "queries": 3,
+                            "first_stage": {"bm25": 5}}]}
+    run_config(config)
+    out = capsys.readouterr().out
+    assert "3 training queries are also in evaluation set seen: left out of training" in out
+    work = tmp_path / "work"
+    assert "3 training queries that evaluation set seen also holds were left out" in (work / "results.md").read_text()
+    start = json.loads((work / "logs" / "tiny-infonce-s1.jsonl").read_text().splitlines()[0])
+    assert start["sampling"].startswith("5 of 5 training queries used")
+    # evaluating on exactly the training queries leaves nothing to train on
+    same = {**config, "workdir": str(tmp_path / "again"),
+            "evaluate": [{"name": "train", "dataset": "toy", "split": "train", "first_stage": {"bm25": 5}}]}
+    with pytest.raises(ConfigError, match="Every training query is also in an evaluation set"):
+        run_config(same)
+
+
+def test_numbers_in_yaml_such_as_1e_4_are_numbers(config, tmp_path):
+    path = tmp_path / "lr.yaml"
+    path.write_text(yaml.safe_dump(config).replace("max_steps: 2", "max_steps: 2\n  lr: 1e-4"))
+    assert "lr: 1e-4" in path.read_text()
+    assert load_config(path).settings["lr"] == "1e-4"  # PyYAML reads it as a string...
+    run_config(path)  # ...which training reads as the number
+    start = json.loads((tmp_path / "work" / "logs" / "tiny-infonce-s1.jsonl").read_text().splitlines()[0])
+    assert start["lr"] == 1e-4
+
+
+_LAUNCHED = """
+import sys
+from pyterrier_ce.runner import run_config
+run_config(sys.argv[1])
+"""
+
+
+def test_under_torch_distributed_run_each_system_trains_once_across_processes(config, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    config = {**config, "objectives": ["infonce"], "evaluate": config["evaluate"][:1]}
+    config["settings"] = {**config["settings"], "group_size": 2, "train_batch_size": 1}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(config))
+    (tmp_path / "launched.py").write_text(_LAUNCHED)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(tmp_path / "launched.py"), str(path)],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("training tiny-infonce-s1") == 1  # the main process speaks, once
+    log = [json.loads(line) for line in (tmp_path / "work" / "logs" / "tiny-infonce-s1.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in log].count("start") == 1
+    assert log[0]["groups_per_step"] == 2  # one group from each of the two processes, every step
