@@ -360,6 +360,7 @@ class Trainer:
                 done = self.step >= self.total_steps
                 if self._due(self.s.eval_every, end_of_epoch, done) and self.valid is not None:
                     stop = self._validate()
+                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **self._shown_validation())
                     if self.checkpoint_dir and not self.s.checkpoint_every:
                         self._save_checkpoint()
                 if self.s.checkpoint_every and (self.step % self.s.checkpoint_every == 0 or done):

@@ -134,3 +134,9 @@ def test_a_folder_swap_never_leaves_the_path_empty(tmp_path, monkeypatch):
     assert not old.exists()
     monkeypatch.setattr(atomic.os, "replace", real)
     assert atomic.recover_dir(old) and (old / "state").read_text() == "new"
+
+
+def test_saving_prints_no_shard_bar(tiny_model_dir, tmp_path, capfd):
+    CrossEncoder(str(tiny_model_dir), max_length=64).save_pretrained(tmp_path / "model")
+    assert "Writing model shards" not in capfd.readouterr().err
+    assert transformers.utils.logging.is_progress_bar_enabled()  # the user's setting is restored

@@ -67,3 +67,21 @@ def test_the_last_partial_batch_is_trained(tiny_model_dir):
     steps = ce.history.frame("step")
     assert steps["groups"].tolist() == [16, 25]  # 25 usable queries, all trained
     assert "25 of 25 training queries used" in ce.history.frame("start")["sampling"].iloc[0]
+
+
+def test_progress_is_shown_by_default_and_can_be_turned_off(tiny_model_dir, capfd):
+    candidates, qrels = synthetic(8)
+    valid, valid_qrels = validation_set()
+    ce = make(tiny_model_dir, max_steps=2)
+    ce.fit(candidates, qrels, valid, valid_qrels)
+    shown = capfd.readouterr().err
+    assert "training: 100%" in shown and "loss=" in shown and "nDCG@10=" in shown
+    assert "8 of 8 training queries used" in shown  # the sampling report, through the pyterrier_ce logger
+    ce(valid)
+    assert "CrossEncoder: 100%" in capfd.readouterr().err
+    quiet = make(tiny_model_dir, max_steps=2, verbose=False)
+    quiet.fit(candidates, qrels)
+    quiet(valid)
+    assert capfd.readouterr().err == ""
+    history = repr(quiet.history)
+    assert history.startswith("TrainingLog(2 steps, loss ") and "->" in history
