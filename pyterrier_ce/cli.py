@@ -79,6 +79,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         # SystemExit with a message: printed to stderr, exit status 1
         raise SystemExit(f"pyterrier-ce {args.command}: {_one_line(err)} "
                          f"(PYTERRIER_CE_TRACEBACK=1 shows the traceback)") from None
+    finally:
+        console.stream_name = "stderr"  # main() called from Python leaves the logger as it found it
 
 
 if __name__ == "__main__":
