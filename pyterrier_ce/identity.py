@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any, Optional
 
 
@@ -40,6 +41,19 @@ def identity_of(transformer: Any) -> Optional[Any]:
         fields = getattr(transformer, "fields", None)
         return [kind, str(name), list(fields)] if name and fields is not None else None
     return None
+
+
+def folder_fingerprint(folder: str) -> Optional[str]:
+    """A short hash of the names, sizes and modification times of a local folder's weight files
+    (``None`` for a hub name): cheap for any model size, and new whenever the weights are rewritten."""
+    if not os.path.isdir(folder):
+        return None
+    fingerprint = hashlib.blake2b(digest_size=8)
+    for name in sorted(os.listdir(folder)):
+        if name.endswith((".safetensors", ".safetensors.index.json")):
+            stat = os.stat(os.path.join(folder, name))
+            fingerprint.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return fingerprint.hexdigest()
 
 
 def digest(value: Any, length: int = 16) -> str:

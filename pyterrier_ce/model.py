@@ -1,11 +1,9 @@
-"""``CrossEncoder``: a transformer cross-encoder as a PyTerrier reranker."""
+"""``CrossEncoder``: a transformer cross-encoder as a PyTerrier reranker and estimator."""
 from __future__ import annotations
 
 import hashlib
 import os
-import re
 import warnings
-from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import numpy as np
@@ -14,66 +12,18 @@ import pyterrier as pt
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from . import scoring
-from . import processes
-from .atomic import save_files
+from . import objectives, processes, training
+from .batching import UntokenizablePair, as_strings
+from .history import TrainingLog
+from .identity import folder_fingerprint
+from .inputs import judgements, teacher_scores, validation_judgements
+from .loading import ModelLike, check_tokenizer_fits, keep_layers, load_model, load_tokenizer, student_layers
 from .logs import logger
-from .loading import ModelLike, check_tokenizer_fits, keep_layers, load_model, load_tokenizer, quiet_transformers, student_layers
+from .precision import PRECISIONS, dtype_name, quantized_copy, resolve_device, resolve_precision
+from .sampling import GroupSampler
+from .saving import save_model_folder, saved_settings
+from .scoring import CompiledModel, ranked, score_pairs
 from .settings import TrainingSettings
-
-# Written into config.json so that sentence-transformers' CrossEncoder returns raw logits, as we do.
-_ST_CONFIG = {"activation_fn": "torch.nn.modules.linear.Identity"}
-# Our own settings, kept in config.json so that from_pretrained restores them.
-_CONFIG_KEY = "pyterrier_ce"
-# The weight files a save writes (one file, or shards and their index): what an earlier save left.
-_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
-
-
-def _folder_fingerprint(folder: str) -> Optional[str]:
-    """A short hash of the names, sizes and modification times of a local folder's weight files
-    (``None`` for a hub name): cheap for any model size, and new whenever the weights are rewritten."""
-    if not os.path.isdir(folder):
-        return None
-    digest = hashlib.blake2b(digest_size=8)
-    for name in sorted(os.listdir(folder)):
-        if name.endswith((".safetensors", ".safetensors.index.json")):
-            stat = os.stat(os.path.join(folder, name))
-            digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-    return digest.hexdigest()
-
-
-def ranked(inp: pd.DataFrame, scores: np.ndarray) -> pd.DataFrame:
-    """``inp`` with ``score`` and a 0-based ``rank`` per query (by descending score; ties keep
-    input order), sorted by query and rank."""
-    out = inp.assign(score=np.asarray(scores).astype(np.float64))
-    out["rank"] = out.groupby("qid", sort=False)["score"].rank(ascending=False, method="first").astype("int64") - 1
-    return out.sort_values(["qid", "rank"], kind="stable").reset_index(drop=True)
-
-
-def judgements(qrels: Optional[pd.DataFrame], what: str) -> Optional[pd.DataFrame]:
-    """``qrels`` with ``qid``, ``docno`` and ``label`` (ir_datasets' ``relevance`` is read as ``label``)."""
-    if qrels is None:
-        return None
-    if not isinstance(qrels, pd.DataFrame):
-        raise TypeError(f"{what} must be a DataFrame (qid, docno, label), not {type(qrels).__name__}.")
-    if "label" not in qrels.columns and "relevance" in qrels.columns:
-        qrels = qrels.rename(columns={"relevance": "label"})
-    missing = [c for c in ("qid", "docno", "label") if c not in qrels.columns]
-    if missing:
-        raise ValueError(f"{what} has no {missing} column(s) (it has {list(qrels.columns)}): judgements need "
-                         f"qid, docno and label (higher is better), as dataset.get_qrels() gives them.")
-    return qrels
-
-
-def validation_judgements(qrels: pd.DataFrame, valid: pd.DataFrame) -> pd.DataFrame:
-    """The judgements of the validation queries only: judgements of other queries would count as
-    queries with nothing retrieved and dilute the metric. Refuses when none are left."""
-    kept = qrels[qrels["qid"].astype(str).isin(set(valid["qid"].astype(str)))]
-    if len(kept) == 0:
-        raise ValueError(
-            f"valid_qrels judge none of the {valid['qid'].nunique()} validation queries: pass the judgements of "
-            f"the same queries (e.g. the same split's get_qrels()), with matching qids.")
-    return kept
 
 
 class CrossEncoder(pt.Estimator):
@@ -132,11 +82,11 @@ class CrossEncoder(pt.Estimator):
         compile_model: bool = False,
         **settings: Any,
     ):
-        if precision not in scoring.PRECISIONS:
-            raise ValueError(f"precision={precision!r} is not one of {scoring.PRECISIONS}.")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}.")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a whole number of at least 1, not {batch_size!r}.")
-        self.device = scoring.resolve_device(device)
+        self.device = resolve_device(device)
         self.model, self._name = load_model(model, trust_remote_code=trust_remote_code)
         if num_layers is not None and layers is not None:
             raise ValueError("Give num_layers or layers, not both.")
@@ -155,7 +105,7 @@ class CrossEncoder(pt.Estimator):
             else f"{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}")
         self.batch_size = batch_size
         # a model saved by save_pretrained scores as it did before, whichever way it is loaded
-        saved = getattr(self.model.config, _CONFIG_KEY, None) or {}
+        saved = saved_settings(self.model.config)
         self.max_length = self._check_max_length(max_length if max_length is not None else saved.get("max_length"))
         self.text_field = text_field or saved.get("text_field") or "text"
         self.precision = precision
@@ -168,7 +118,7 @@ class CrossEncoder(pt.Estimator):
         # are its weight files as they are now (a model retrained into the same folder is another
         # model, e.g. to the teacher-score cache); a hub name is its own identity.
         if isinstance(model, (str, os.PathLike)):
-            self._fingerprint: Optional[str] = _folder_fingerprint(os.fspath(model))
+            self._fingerprint: Optional[str] = folder_fingerprint(os.fspath(model))
         else:
             self._fingerprint = self.weights_fingerprint()
         # The model this one started from, kept through training: what a resumed run must start from too.
@@ -223,8 +173,7 @@ class CrossEncoder(pt.Estimator):
         """``precision`` as scoring resolves it on this device ("auto" is fp32 on the CPU, bf16 on GPUs)."""
         if self.precision == "int8":
             return "int8"
-        dtype = scoring.resolve_precision(self.precision, self.device)
-        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        return dtype_name(resolve_precision(self.precision, self.device))
 
     def _identity(self) -> tuple:
         return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in self.identity_key().items())
@@ -285,20 +234,20 @@ class CrossEncoder(pt.Estimator):
             return self.model
         key = (id(self.model), self._fingerprint)  # fit() renews the fingerprint
         if getattr(self, "_int8", (None, None))[0] != key:
-            self._int8 = (key, scoring.quantized_copy(self.model))
+            self._int8 = (key, quantized_copy(self.model))
         return self._int8[1]
 
-    def _compiled(self, model: torch.nn.Module) -> scoring.CompiledModel:
+    def _compiled(self, model: torch.nn.Module) -> CompiledModel:
         """The compiled forward of ``model``, kept while ``model`` is the one that scores."""
         compiled = getattr(self, "_compiled_model", None)
         if compiled is None or compiled.model is not model:
-            compiled = self._compiled_model = scoring.CompiledModel(model)
+            compiled = self._compiled_model = CompiledModel(model)
         return compiled
 
     def score_pairs(self, queries, texts, *, desc: str = "CrossEncoder") -> np.ndarray:
         """Raw scores of (query, text) pairs, in input order (see :func:`scoring.score_pairs`)."""
         model = self._scoring_model()
-        return scoring.score_pairs(
+        return score_pairs(
             model,
             self.tokenizer,
             queries,
@@ -324,7 +273,7 @@ class CrossEncoder(pt.Estimator):
             out = inp.assign(score=pd.Series(dtype="float64"), rank=pd.Series(dtype="int64"))
             return out
         self._check_values(inp, "reranking")
-        queries, texts = scoring.as_strings(inp["query"]), scoring.as_strings(inp[self.text_field])
+        queries, texts = as_strings(inp["query"]), as_strings(inp[self.text_field])
         empty = {column: sum(1 for value in values if not value.strip())
                  for column, values in (("query", queries), (self.text_field, texts))}
         if any(empty.values()):
@@ -335,7 +284,7 @@ class CrossEncoder(pt.Estimator):
                 stacklevel=2)
         try:
             scores = self.score_pairs(queries, texts)
-        except scoring.UntokenizablePair as err:
+        except UntokenizablePair as err:
             row = inp.iloc[err.index]
             raise err.at(err.index, f"CrossEncoder: the row of qid {row['qid']!r}, docno {row['docno']!r}") from None
         return ranked(inp, scores)
@@ -392,52 +341,46 @@ class CrossEncoder(pt.Estimator):
         train_qrels = judgements(train_qrels, "train_qrels")
         if (valid is None) != (valid_qrels is None):
             raise ValueError("Pass both valid and valid_qrels for validation, or neither.")
+        validator = None
         if valid is not None:
             valid = self._candidates(valid, s.first_stage, "valid")
             valid_qrels = validation_judgements(judgements(valid_qrels, "valid_qrels"), valid)
-        from . import objectives
-        from .sampling import GroupSampler
-        from .training import Trainer
-
+            validator = training.Validator(valid, valid_qrels, s.eval_metric, self._scores_of(valid), s.patience)
         objective = objectives.get(s.objective, **s.objective_params)
-        teacher_scores = self._teacher_scores(s, objective, train)
-        sampler = GroupSampler(train, train_qrels, group_size=s.group_size, negatives=s.negatives,
-                               seed=s.seed, text_field=self.text_field, teacher_scores=teacher_scores)
-        trainer = Trainer(self, s, sampler, objective, valid, valid_qrels)
+        sampler = GroupSampler(train, train_qrels, group_size=s.group_size, negatives=s.negatives, seed=s.seed,
+                               text_field=self.text_field, teacher_scores=teacher_scores(s, objective, train))
+        plan = training.plan_training(
+            s, objective=objective, groups=len(sampler), processes=processes.world_size(),
+            max_length=s.train_max_length or self.max_length, precision=s.precision or self.precision,
+            device=self.device, origin=self._origin)
+        self.history = TrainingLog(plan.log_file if processes.is_main() else None)
         if self.verbose and processes.is_main():
-            left_out = (f"; {trainer.left_out_per_epoch} groups of each epoch left out, so that each of "
-                        f"{trainer.world} processes trains an equal share" if trainer.left_out_per_epoch else "")
+            left_out = (f"; {plan.left_out_per_epoch} groups of each epoch left out, so that each of "
+                        f"{plan.processes} processes trains an equal share" if plan.left_out_per_epoch else "")
             logger.info(f"CrossEncoder.fit: {sampler.report}{left_out}")
         try:
-            self.history = trainer.run()
+            self.model = training.train(
+                self.model, self.tokenizer, plan, sampler, device=self.device, log=self.history, validator=validator,
+                save_model=lambda model, path: save_model_folder(
+                    model, self.tokenizer, path, max_length=self.max_length, text_field=self.text_field),
+                progress=self.verbose)
         finally:
-            # Whatever happened, these weights are no longer the pretrained ones.
+            # Whatever happened, these weights are no longer the pretrained ones; under several
+            # processes each trained on its own device.
+            self.device = next(self.model.parameters()).device
             self._fingerprint = self.weights_fingerprint()
         return self
 
-    @staticmethod
-    def _teacher_scores(s: TrainingSettings, objective, train: pd.DataFrame) -> Optional[np.ndarray]:
-        """The teacher's scores of the training candidates, when the objective distils one."""
-        from . import objectives
-        from .settings import default_cache_dir
-        from .teachers import as_teacher
+    def _scores_of(self, frame: pd.DataFrame):
+        """Scores ``frame``'s pairs with a given model as this reranker would (validation)."""
+        queries, texts = as_strings(frame["query"]), as_strings(frame[self.text_field])
 
-        name = getattr(objective, "name", "") or type(objective).__name__
-        distils = objectives.distils(objective)
-        if distils and s.teacher is None:
-            raise ValueError(
-                f"Objective {name!r} distils a teacher's scores: pass teacher= (a pipeline such as a larger "
-                f"CrossEncoder, a run with scores or ranks, or pyterrier_ce.teachers.Ensemble([...]))."
-            )
-        if not distils and s.teacher is not None:
-            raise ValueError(
-                f"Objective {name!r} trains on relevance labels and would ignore the teacher: choose a "
-                f"distillation objective (margin_mse, kl, distill_ranknet, adr_mse, mse) or drop teacher=."
-            )
-        if s.teacher is None:
-            return None
-        cache = None if s.teacher_cache is False else (s.teacher_cache or default_cache_dir())
-        return as_teacher(s.teacher, cache_dir=cache).scores(train)
+        def score(model: torch.nn.Module) -> np.ndarray:
+            # int8 scoring quantises a copy; validation scores the trained weights themselves, in fp32
+            return score_pairs(model, self.tokenizer, queries, texts, batch_size=self.batch_size,
+                               max_length=self.max_length, precision=self.precision, verbose=False)
+
+        return score
 
     def _candidates(self, frame: pd.DataFrame, first_stage, what: str) -> pd.DataFrame:
         if "docno" not in frame.columns:
@@ -472,18 +415,7 @@ class CrossEncoder(pt.Estimator):
         """
         if not processes.is_main():
             return  # under accelerate launch, the main process writes the one copy
-        config = self.model.config
-        config.sentence_transformers = dict(_ST_CONFIG)
-        setattr(config, _CONFIG_KEY, {"max_length": self.max_length, "text_field": self.text_field})
-
-        def write(folder: Path) -> None:
-            with quiet_transformers():  # no "Writing model shards" bar per save
-                self.model.save_pretrained(folder, safe_serialization=True)
-            self.tokenizer.model_max_length = self.max_length
-            self.tokenizer.save_pretrained(folder)
-
-        # config.json last: loaders read it first, so it is the last file a crash could leave old
-        save_files(path, write, last=["config.json"], stale=_WEIGHT_FILE.fullmatch)
+        save_model_folder(self.model, self.tokenizer, path, max_length=self.max_length, text_field=self.text_field)
 
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], **kwargs: Any) -> "CrossEncoder":

@@ -18,7 +18,7 @@ from typing import List, Optional
 import numpy as np
 import pandas as pd
 
-from .scoring import as_strings
+from .batching import as_strings
 
 NEGATIVES = ("random", "top")
 

@@ -9,7 +9,8 @@ import torch
 import transformers
 
 from conftest import save_tiny, tiny_config
-from pyterrier_ce import CrossEncoder, training
+from pyterrier_ce import CrossEncoder
+from pyterrier_ce.training import loop
 from pyterrier_ce.cls_only import cls_only_last_layer, last_layer
 from test_engine import assert_same_training, pairs, train
 
@@ -131,7 +132,7 @@ def test_training_with_it_matches_training_the_full_model(three_layer_dir, monke
     assert any(x is layers[0] for x in ran) and not any(x is layers[-1] for x in ran)
     assert "forward" not in vars(layers[-1])  # handed back unpatched
 
-    monkeypatch.setattr(training, "cls_only_last_layer", lambda model: contextlib.nullcontext(False))
+    monkeypatch.setattr(loop, "cls_only_last_layer", lambda model: contextlib.nullcontext(False))
     full = train(three_layer_dir, task, objective=objective)
     if objective == "bce":
         assert_same_training(with_cls_only, full, atol=1e-6)

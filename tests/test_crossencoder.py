@@ -271,7 +271,7 @@ def test_int8_scoring_is_close_and_follows_training(tiny_model_dir, pairs_frame)
     np.testing.assert_allclose(int8(pairs_frame).sort_values("docno")["score"],
                                b.sort_values("docno")["score"] + 1.0, atol=0.05)
     with pytest.raises(ValueError, match="int8.*runs on the CPU"):
-        from pyterrier_ce.scoring import resolve_precision
+        from pyterrier_ce.precision import resolve_precision
         resolve_precision("int8", torch.device("cuda"))
 
 

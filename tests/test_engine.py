@@ -17,8 +17,9 @@ import torch
 import transformers
 
 from conftest import WORDS, save_tiny, tiny_config
-from pyterrier_ce import CrossEncoder, scoring, training
-from pyterrier_ce.training import Trainer
+from pyterrier_ce import CrossEncoder, memory, scoring
+from pyterrier_ce.training import steps
+from pyterrier_ce.training.steps import StepRunner
 
 BERT = transformers.BertForSequenceClassification
 
@@ -116,11 +117,11 @@ def test_scoring_errors_other_than_memory_are_not_retried(tiny_model_dir, monkey
 
 
 def test_is_out_of_memory():
-    assert scoring.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
-    assert scoring.is_out_of_memory(RuntimeError("CUDA error: out of memory"))
-    assert scoring.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate"))
-    assert not scoring.is_out_of_memory(RuntimeError("expected scalar type Float"))
-    assert not scoring.is_out_of_memory(ValueError("out of memory"))
+    assert memory.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert memory.is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert memory.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate"))
+    assert not memory.is_out_of_memory(RuntimeError("expected scalar type Float"))
+    assert not memory.is_out_of_memory(ValueError("out of memory"))
 
 
 # -- scoring: tokenisation overlapped with compute ----------------------------------------------
@@ -234,9 +235,9 @@ def assert_same_training(a: CrossEncoder, b: CrossEncoder, atol: float = 1e-6, s
 
 
 def test_training_halves_forward_passes_that_run_out_of_memory(no_dropout_dir, task, monkeypatch):
-    monkeypatch.setattr(training, "FORWARD_CHUNK", 4)
+    monkeypatch.setattr(steps, "FORWARD_CHUNK", 4)
     expected = train(no_dropout_dir, task)  # unconstrained, in passes of 4 pairs
-    monkeypatch.setattr(training, "FORWARD_CHUNK", 32)
+    monkeypatch.setattr(steps, "FORWARD_CHUNK", 32)
     unchunked = train(no_dropout_dir, task)  # unconstrained, in passes of 16 pairs
     seen = limit_rows(monkeypatch, 5)
     with pytest.warns(UserWarning, match="ran out of memory at step 1; it goes on with forward passes of at most 4 pairs"):
@@ -255,9 +256,9 @@ def test_training_halves_forward_passes_that_run_out_of_memory(no_dropout_dir, t
 @pytest.mark.parametrize("objective, dropout", [("bce", 0.0), ("ranknet", 0.1)])
 def test_training_recomputes_when_the_backward_pass_runs_out_of_memory(no_dropout_dir, task, monkeypatch,
                                                                         objective, dropout):
-    monkeypatch.setattr(training, "FORWARD_CHUNK", 4)
+    monkeypatch.setattr(steps, "FORWARD_CHUNK", 4)
     expected = train(no_dropout_dir, task, objective=objective, dropout=dropout)  # unconstrained, passes of 4
-    monkeypatch.setattr(training, "FORWARD_CHUNK", 32)
+    monkeypatch.setattr(steps, "FORWARD_CHUNK", 32)
     limit_rows(monkeypatch, 5, backward=True)
     with pytest.warns(UserWarning, match="at most 4 pairs, holding one forward pass's activations at a time"):
         ce = train(no_dropout_dir, task, objective=objective, dropout=dropout)
@@ -287,12 +288,11 @@ def test_training_errors_other_than_memory_are_not_retried(no_dropout_dir, task,
 def test_distributed_training_does_not_split_after_out_of_memory():
     trainer = types.SimpleNamespace(
         world=2, step=4, _phase="backward", _largest_pass=16, forward_chunk=32, recompute=False,
-        accelerator=types.SimpleNamespace(device=torch.device("cuda", 1)),
-        s=types.SimpleNamespace(train_max_length=None), ce=types.SimpleNamespace(max_length=256),
+        device=torch.device("cuda", 1), plan=types.SimpleNamespace(max_length=256),
     )
     with pytest.raises(torch.OutOfMemoryError, match=r"step 5 on cuda:1 \(one of 2 processes\): lower "
                                                      r"train_batch_size and raise grad_accum_steps"):
-        Trainer._after_out_of_memory(trainer, torch.OutOfMemoryError("CUDA out of memory"))
+        StepRunner._after_out_of_memory(trainer, torch.OutOfMemoryError("CUDA out of memory"))
     assert (trainer.forward_chunk, trainer.recompute) == (32, False)
 
 
@@ -383,7 +383,7 @@ def test_compiled_scores_match_eager(tiny_model_dir, pairs_frame, tmp_path):
 
 
 def test_padded_chunks_cover_every_pair_within_limits_and_pad_less():
-    from pyterrier_ce.scoring import padded_chunks
+    from pyterrier_ce.batching import padded_chunks
 
     rng = np.random.default_rng(0)
     lengths = np.concatenate([rng.integers(60, 160, 56), rng.integers(300, 512, 8)])  # a long tail

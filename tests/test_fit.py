@@ -14,7 +14,8 @@ from pyterrier.measures import nDCG
 
 from conftest import WORDS
 from pyterrier_ce import CrossEncoder, objectives
-from pyterrier_ce.training import NonFiniteLoss, Trainer
+from pyterrier_ce.training import NonFiniteLoss
+from pyterrier_ce.training.steps import StepRunner
 
 
 def synthetic(num_queries: int, per_query: int = 6, seed: int = 0):
@@ -168,17 +169,17 @@ def test_resume_continues_exactly(tiny_model_dir, task, tmp_path, monkeypatch):
     expected = _final_weights(straight)
 
     crashing = make(tiny_model_dir, checkpoint_dir=str(tmp_path / "b"), **settings)
-    real_step = Trainer._optimiser_step
+    real_step = StepRunner.forward_backward
 
-    def crash_at_step_8(self, batch):
-        if self.step == 7:
+    def crash_at_step_8(self, groups, step):
+        if step == 7:
             raise KeyboardInterrupt("simulated crash")
-        return real_step(self, batch)
+        return real_step(self, groups, step)
 
-    monkeypatch.setattr(Trainer, "_optimiser_step", crash_at_step_8)
+    monkeypatch.setattr(StepRunner, "forward_backward", crash_at_step_8)
     with pytest.raises(KeyboardInterrupt):
         crashing.fit(candidates, qrels)
-    monkeypatch.setattr(Trainer, "_optimiser_step", real_step)
+    monkeypatch.setattr(StepRunner, "forward_backward", real_step)
     state = json.loads((tmp_path / "b" / "last" / "trainer_state.json").read_text())
     assert state["step"] == 6
 
@@ -272,11 +273,10 @@ def test_auto_learning_rates(tiny_model_dir, task):
 
 
 def test_param_groups(tiny_model_dir):
-    from pyterrier_ce.settings import TrainingSettings
-    from pyterrier_ce.training import param_groups
+    from pyterrier_ce.training.optimiser import param_groups
 
     model = CrossEncoder(str(tiny_model_dir)).model
-    groups = param_groups(model, TrainingSettings(layer_decay=0.5), lr=1e-4, head_lr=1e-2)
+    groups = param_groups(model, lr=1e-4, head_lr=1e-2, weight_decay=0.01, layer_decay=0.5)
     rate = {id(p): g["lr"] for g in groups for p in g["params"]}
     decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
@@ -300,7 +300,7 @@ def test_fits_with_different_precisions_in_one_process(tiny_model_dir, task):
 
 def test_dropout_settings_apply_while_training_and_are_restored(tiny_model_dir, task, tiny_tokenizer, monkeypatch):
     from conftest import tiny_config
-    from pyterrier_ce.training import dropout_overrides
+    from pyterrier_ce.training.optimiser import dropout_overrides
 
     ce = make(tiny_model_dir)
     changed = dropout_overrides(ce.model, 0.3, 0.0)
@@ -321,13 +321,13 @@ def test_dropout_settings_apply_while_training_and_are_restored(tiny_model_dir, 
 
     # fit uses them while training and gives the model's own back afterwards
     seen = []
-    original = Trainer._optimiser_step
+    original = StepRunner.forward_backward
 
-    def spy(self, batch):
-        seen.append({name: m.p for name, m in self.ce.model.named_modules() if isinstance(m, torch.nn.Dropout)})
-        return original(self, batch)
+    def spy(self, groups, step):
+        seen.append({name: m.p for name, m in self.model.named_modules() if isinstance(m, torch.nn.Dropout)})
+        return original(self, groups, step)
 
-    monkeypatch.setattr(Trainer, "_optimiser_step", spy)
+    monkeypatch.setattr(StepRunner, "forward_backward", spy)
     candidates, qrels = task
     ce = make(tiny_model_dir, max_steps=1)
     ce.fit(candidates, qrels, dropout=0.2)

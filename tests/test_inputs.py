@@ -9,7 +9,7 @@ import pytest
 import transformers
 
 from conftest import WORDS, tiny_config
-from pyterrier_ce import CrossEncoder, scoring
+from pyterrier_ce import CrossEncoder, batching, scoring
 
 
 def test_a_folder_without_its_tokenizer_is_refused(tiny_tokenizer, tmp_path, tiny_model_dir):
@@ -56,7 +56,7 @@ def test_text_that_is_not_valid_utf8_names_its_row(tiny_ce):
 def test_untokenizable_pairs_are_named_by_their_place_in_large_inputs(tiny_ce, monkeypatch):
     monkeypatch.setattr(scoring, "CHUNK_SIZE", 4)  # the bad pair in the third chunk
     texts = ["fine"] * 9 + [None]
-    with pytest.raises(scoring.UntokenizablePair, match="pair 9: its text is a NoneType") as info:
+    with pytest.raises(batching.UntokenizablePair, match="pair 9: its text is a NoneType") as info:
         tiny_ce.score_pairs(["q"] * 10, texts)
     assert info.value.index == 9
 
@@ -75,9 +75,9 @@ def test_cutting_long_texts_before_tokenising_keeps_the_token_ids(which, tiny_to
     tokenizer = tiny_tokenizer if which == "tiny" else transformers.AutoTokenizer.from_pretrained(minilm_path)
     queries, texts = long_texts
     for max_length in (16, 64, 512):
-        cut = scoring.tokenize_pairs(tokenizer, queries, texts, max_length)["input_ids"]
-        monkeypatch.setattr(scoring, "CHARS_PER_TOKEN", 10**9)  # no cut
-        whole = scoring.tokenize_pairs(tokenizer, queries, texts, max_length)["input_ids"]
+        cut = batching.tokenize_pairs(tokenizer, queries, texts, max_length)["input_ids"]
+        monkeypatch.setattr(batching, "CHARS_PER_TOKEN", 10**9)  # no cut
+        whole = batching.tokenize_pairs(tokenizer, queries, texts, max_length)["input_ids"]
         monkeypatch.undo()
         assert cut == whole
 
@@ -89,8 +89,8 @@ def test_a_huge_query_reaches_the_tokenizer_cut(tiny_tokenizer):
         seen.extend(len(q) for q in queries)
         return tiny_tokenizer(queries, texts, **kwargs)
 
-    scoring.tokenize_pairs(spy, ["flea " * 200_000], ["a text"], 64)
-    assert seen == [64 * scoring.CHARS_PER_TOKEN]
+    batching.tokenize_pairs(spy, ["flea " * 200_000], ["a text"], 64)
+    assert seen == [64 * batching.CHARS_PER_TOKEN]
 
 
 @pytest.mark.parametrize("bad", [dict(batch_size=2.5), dict(batch_size=True), dict(batch_size=0),

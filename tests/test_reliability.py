@@ -182,17 +182,17 @@ def good_checkpoint(tiny_model_dir, small_task, tmp_path_factory) -> Path:
     candidates, qrels = small_task
     folder = tmp_path_factory.mktemp("good-checkpoint")
     # a 4-step run killed after its checkpoint at step 2: what a resume continues
-    from pyterrier_ce.training import Trainer
+    from pyterrier_ce.training.steps import StepRunner
 
-    real = Trainer._optimiser_step
+    real = StepRunner.forward_backward
 
-    def killed_at_step_3(self, batch):
-        if self.step == 2:
+    def killed_at_step_3(self, groups, step):
+        if step == 2:
             raise KeyboardInterrupt
-        return real(self, batch)
+        return real(self, groups, step)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Trainer, "_optimiser_step", killed_at_step_3)
+        patch.setattr(StepRunner, "forward_backward", killed_at_step_3)
         with pytest.raises(KeyboardInterrupt):
             make(tiny_model_dir, max_steps=4, checkpoint_every=2, checkpoint_dir=str(folder)).fit(candidates, qrels)
     return folder
@@ -268,16 +268,16 @@ _TRAIN_SCRIPT = textwrap.dedent("""
     import sys, time
     import pandas as pd
     from pyterrier_ce import CrossEncoder
-    from pyterrier_ce.training import Trainer
+    from pyterrier_ce.training.steps import StepRunner
 
     model, data, checkpoints = sys.argv[1:4]
-    real_step = Trainer._optimiser_step
+    real_step = StepRunner.forward_backward
 
-    def slow_step(self, batch):  # the tiny model trains too fast to be caught mid-run
+    def slow_step(self, groups, step):  # the tiny model trains too fast to be caught mid-run
         time.sleep(0.15)
-        return real_step(self, batch)
+        return real_step(self, groups, step)
 
-    Trainer._optimiser_step = slow_step
+    StepRunner.forward_backward = slow_step
     ce = CrossEncoder(model, **pd.read_pickle(f"{data}/settings.pkl"), checkpoint_dir=checkpoints)
     ce.fit(pd.read_pickle(f"{data}/candidates.pkl"), pd.read_pickle(f"{data}/qrels.pkl"))
 """)

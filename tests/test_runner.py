@@ -101,24 +101,24 @@ def test_distillation_from_a_teacher_run(config, tmp_path):
 
 
 def test_an_interrupted_system_resumes_from_its_checkpoint(config, tmp_path, monkeypatch):
-    from pyterrier_ce.training import Trainer
+    from pyterrier_ce.training.steps import StepRunner
 
     config = {**config, "objectives": ["infonce"], "evaluate": config["evaluate"][:1],
               "settings": {**config["settings"], "checkpoint_every": 1}}
-    step = Trainer._optimiser_step
+    step = StepRunner.forward_backward
 
-    def interrupted(self, batch):
-        if self.step == 1:
+    def interrupted(self, groups, number):
+        if number == 1:
             raise KeyboardInterrupt  # after step 1 was checkpointed
-        return step(self, batch)
+        return step(self, groups, number)
 
-    monkeypatch.setattr(Trainer, "_optimiser_step", interrupted)
+    monkeypatch.setattr(StepRunner, "forward_backward", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_config(config)
     work = tmp_path / "work"
     assert (work / "checkpoints" / "tiny-infonce-s1" / "last").is_dir()
     assert not (work / "models" / "tiny-infonce-s1").exists()
-    monkeypatch.setattr(Trainer, "_optimiser_step", step)
+    monkeypatch.setattr(StepRunner, "forward_backward", step)
     run_config(config)
     events = [json.loads(line) for line in (work / "logs" / "tiny-infonce-s1.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["start", "step", "resume", "step", "end"]

@@ -1,0 +1,66 @@
+"""The saved model folder: a plain Hugging Face folder (safetensors weights, config, tokenizer)
+that this package, transformers and sentence-transformers load alike, with the reranker's own
+settings (``max_length``, ``text_field``) in its config. One writer and one reader for every
+path that saves or loads a model (``save_pretrained``, the best validated model, checkpoints)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, Union
+
+import torch
+from safetensors.torch import load_file
+from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from .atomic import save_files
+from .loading import quiet_transformers
+
+# Written into config.json so that sentence-transformers' CrossEncoder returns raw logits, as we do.
+_ST_CONFIG = {"activation_fn": "torch.nn.modules.linear.Identity"}
+# Our own settings, kept in config.json so that loading restores them.
+_CONFIG_KEY = "pyterrier_ce"
+# The weight files a save writes (one file, or shards and their index): what an earlier save left.
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+
+
+def saved_settings(config: PreTrainedConfig) -> Dict[str, Any]:
+    """The reranker settings a folder was saved with (``max_length``, ``text_field``), or ``{}``."""
+    return dict(getattr(config, _CONFIG_KEY, None) or {})
+
+
+def write_model_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path, *,
+                      max_length: int, text_field: str) -> None:
+    """Writes the model's and tokenizer's files into ``folder`` (as it is: not atomically)."""
+    config = model.config
+    config.sentence_transformers = dict(_ST_CONFIG)
+    setattr(config, _CONFIG_KEY, {"max_length": max_length, "text_field": text_field})
+    with quiet_transformers():  # no "Writing model shards" bar per save
+        model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.model_max_length = max_length
+    tokenizer.save_pretrained(folder)
+
+
+def save_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Union[str, os.PathLike], *,
+                      max_length: int, text_field: str) -> None:
+    """Saves a model folder at ``path``: each of the model's files atomically, anything else in the
+    folder left alone (see :func:`atomic.save_files`); weight shards of an earlier save that this
+    one does not write are removed."""
+    def write(folder: Path) -> None:
+        write_model_files(model, tokenizer, folder, max_length=max_length, text_field=text_field)
+
+    # config.json last: loaders read it first, so it is the last file a crash could leave old
+    save_files(path, write, last=["config.json"], stale=_WEIGHT_FILE.fullmatch)
+
+
+def load_weights(folder: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+    """The weights of a saved folder, in one file or in shards."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if not index.exists():
+        return load_file(folder / "model.safetensors")
+    weights: Dict[str, torch.Tensor] = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        weights.update(load_file(folder / shard))
+    return weights
