@@ -19,7 +19,9 @@ from pyterrier.measures import RR, nDCG
 
 from common import DATA, minilm_path
 from pyterrier_ce import BeirDataset, CrossEncoder
-from pyterrier_ce.demo import bm25_pipeline, compact, experiment, quiet_native_output
+from pyterrier_ce.demo import experiment
+from pyterrier_ce.first_stage import bm25_pipeline, quiet_native_output
+from pyterrier_ce.tables import compact
 
 
 def summary(prefix: str, table, rr: str) -> dict:

@@ -29,7 +29,7 @@ def make_groups(path: Path, num_groups: int, group_size: int, seed: int) -> None
 
     from common import DATA
     from pyterrier_ce import BeirDataset
-    from pyterrier_ce.demo import bm25_pipeline, quiet_native_output
+    from pyterrier_ce.first_stage import bm25_pipeline, quiet_native_output
     from pyterrier_ce.sampling import GroupSampler
 
     squad = BeirDataset(DATA / "squad")

@@ -9,7 +9,8 @@ from typing import List, Optional
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import DemoConfig, default_data_dir, default_model, run_demo
+    from .data import default_data_dir
+    from .demo import DemoConfig, default_model, run_demo
 
     cfg = DemoConfig(
         data=Path(args.data) if args.data else default_data_dir(),

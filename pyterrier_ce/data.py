@@ -22,6 +22,17 @@ def _open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf8") if path.suffix == ".gz" else open(path, encoding="utf8")
 
 
+def default_data_dir() -> Path:
+    """``$PYTERRIER_CE_DATA``, else the first of ``./shared/data`` and ``../shared/data`` that exists."""
+    if os.environ.get("PYTERRIER_CE_DATA"):
+        return Path(os.environ["PYTERRIER_CE_DATA"])
+    for candidate in (Path("shared/data"), Path("../shared/data")):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("No data folder: pass --data DIR or set PYTERRIER_CE_DATA.")
+
+
+
 class BeirDataset(pt.datasets.Dataset):
     """A dataset in the BEIR layout, with the ``pt.datasets.Dataset`` interface.
 

