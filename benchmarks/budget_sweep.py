@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pyterrier as pt
+from common import DATA, minilm_path
 from pyterrier.measures import RR, nDCG
 
-from common import DATA, minilm_path
 from pyterrier_ce import BeirDataset, CrossEncoder
 from pyterrier_ce.demo import experiment
 from pyterrier_ce.first_stage import bm25_pipeline, quiet_native_output
@@ -74,7 +74,8 @@ def main() -> None:
         ce.fit(candidates, squad.get_qrels("train"), log_file=str(out / f"{args.name}.log.jsonl"))
         train_min = (time.perf_counter() - start) / 60
         steps = ce.history.frame("step")
-        row = {"name": args.name, "settings": settings, "max_length": ce.max_length, "train_queries": args.train_queries,
+        row = {"name": args.name, "settings": settings, "max_length": ce.max_length,
+               "train_queries": args.train_queries,
                "used_queries": int(steps["groups"].iloc[-1]), "steps": len(steps), "train_min": round(train_min, 2),
                "s_per_step": round(60 * train_min / len(steps), 2),
                "loss_first50": round(float(steps["loss"].head(50).mean()), 4),
@@ -94,8 +95,10 @@ def main() -> None:
         runs.mkdir(parents=True, exist_ok=True)
         res = pt.Experiment([first, first >> ce], dev, squad.get_qrels("dev"), [nDCG @ 10], names=["bm25", "ce"],
                             baseline=0, save_dir=str(runs), save_mode="overwrite")
-        row.update({"dev_bm25": round(float(res["nDCG@10"].iloc[0]), 4), "dev_ce": round(float(res["nDCG@10"].iloc[1]), 4),
-                    "dev_p": float(res["nDCG@10 p-value"].iloc[1]), "eval_min": round((time.perf_counter() - t) / 60, 2)})
+        row.update({"dev_bm25": round(float(res["nDCG@10"].iloc[0]), 4),
+                    "dev_ce": round(float(res["nDCG@10"].iloc[1]), 4),
+                    "dev_p": float(res["nDCG@10 p-value"].iloc[1]),
+                    "eval_min": round((time.perf_counter() - t) / 60, 2)})
         for length in filter(None, args.eval_lengths.split(",")):
             ce.max_length = int(length)
             res = pt.Experiment([first, first >> ce], dev, squad.get_qrels("dev"), [nDCG @ 10], baseline=0)

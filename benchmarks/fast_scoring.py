@@ -15,9 +15,8 @@ import time
 import numpy as np
 import pyterrier as pt
 import torch
-from pyterrier.measures import nDCG
-
 from common import DATA, add_scoring_args, bm25_candidates, encoder_gflop, minilm_path, print_table
+from pyterrier.measures import nDCG
 from scoring import best_times
 
 PRECISIONS = ("fp32", "bf16", "int8")

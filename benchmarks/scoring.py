@@ -2,7 +2,8 @@
 
 Same model (all-MiniLM-L6-v2), same (query, passage) pairs, same max_length and batch size, one
 process, fp32 on the CPU (``--device cuda --precision bf16`` on a GPU). After a warm-up each,
-the libraries score the pairs in turn, ``--repeats`` times; each one's best run counts. Prints a markdown table (pairs/s and achieved
+the libraries score the pairs in turn, ``--repeats`` times; each one's best run counts. Prints a
+markdown table (pairs/s and achieved
 GFLOP/s: the nominal FLOPs of a full forward over the unpadded pairs, per second), the speed ratio
 and the largest score difference.
 
@@ -16,7 +17,6 @@ import time
 
 import numpy as np
 import torch
-
 from common import add_scoring_args, bm25_candidates, encoder_gflop, minilm_path, print_table
 
 

@@ -26,8 +26,8 @@ HERE = Path(__file__).resolve().parent
 
 def make_groups(path: Path, num_groups: int, group_size: int, seed: int) -> None:
     import pyterrier as pt  # noqa: F401
-
     from common import DATA
+
     from pyterrier_ce import BeirDataset
     from pyterrier_ce.first_stage import bm25_pipeline, quiet_native_output
     from pyterrier_ce.sampling import GroupSampler
@@ -62,8 +62,7 @@ def run_ours(groups, args) -> list[float]:
 def run_st(groups, args) -> list[float]:
     import torch
     from datasets import Dataset
-    from sentence_transformers.cross_encoder import (CrossEncoder, CrossEncoderTrainer,
-                                                     CrossEncoderTrainingArguments)
+    from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
     from sentence_transformers.cross_encoder.losses import ListNetLoss
     from transformers import TrainerCallback
 
@@ -102,7 +101,8 @@ def child(args) -> None:
     pairs = sum(len(g["texts"]) for g in groups[args.skip * args.batch:])
     print(json.dumps({"library": args.library, "precision": args.precision, "timed_steps": timed,
                       "s/step": seconds / timed, "groups/s": timed * args.batch / seconds, "pairs/s": pairs / seconds,
-                      "peak_rss_mb": peak_rss_mb(), **({"peak_gpu_mb": peak_gpu_mb()} if args.device != "cpu" else {})}))
+                      "peak_rss_mb": peak_rss_mb(),
+                      **({"peak_gpu_mb": peak_gpu_mb()} if args.device != "cpu" else {})}))
 
 
 def main() -> None:

@@ -57,7 +57,10 @@ def tokenize_pairs(
         return tokenizer(queries, texts, truncation=True, max_length=max_length, padding=False,
                          return_attention_mask=False).data
     except (TypeError, ValueError, UnicodeError) as err:
-        raise _first_untokenizable(queries, texts) or err
+        named = _first_untokenizable(queries, texts)
+        if named is None:
+            raise
+        raise named from err
 
 
 def _first_untokenizable(queries: Sequence[str], texts: Sequence[str]) -> Optional[UntokenizablePair]:

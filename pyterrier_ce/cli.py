@@ -1,4 +1,7 @@
-"""The ``pyterrier-ce`` command."""
+"""The ``pyterrier-ce`` command.
+
+The commands import the package when they run, not at the top: ``pyterrier-ce --help`` answers at
+once, without loading torch and transformers."""
 from __future__ import annotations
 
 import argparse

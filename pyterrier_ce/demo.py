@@ -16,6 +16,7 @@ from pyterrier.measures import RR, nDCG
 
 from .data import BeirDataset
 from .first_stage import bm25_pipeline, quiet_native_output
+from .logs import logger
 from .model import CrossEncoder
 from .tables import compact
 
@@ -50,19 +51,19 @@ def run_demo(cfg: DemoConfig, save: Optional[Path] = None) -> Dict[str, pd.DataF
     squad = BeirDataset(cfg.data / "squad")
     dl19 = BeirDataset(cfg.data / "trec_dl_2019")
 
-    print(f"[{time.perf_counter() - started:5.0f}s] BM25 (PISA) over {squad.name}'s corpus")
+    logger.info(f"[{time.perf_counter() - started:5.0f}s] BM25 (PISA) over {squad.name}'s corpus")
     train_bm25 = bm25_pipeline(squad, cfg.workdir, cfg.train_depth)
     topics = squad.get_topics("train")
     topics = topics.sample(n=min(cfg.train_queries, len(topics)), random_state=cfg.seed)
     with quiet_native_output():
         candidates = train_bm25(topics)
-    print(f"[{time.perf_counter() - started:5.0f}s] {len(topics)} training questions, "
+    logger.info(f"[{time.perf_counter() - started:5.0f}s] {len(topics)} training questions, "
           f"{len(candidates)} BM25 top-{cfg.train_depth} candidates")
 
     ce = CrossEncoder(cfg.model, max_length=cfg.max_length, verbose=True, seed=cfg.seed, **(cfg.settings or {}))
     ce.fit(candidates, squad.get_qrels("train"))
     steps = ce.history.frame("step")
-    print(f"[{time.perf_counter() - started:5.0f}s] trained {len(steps)} steps "
+    logger.info(f"[{time.perf_counter() - started:5.0f}s] trained {len(steps)} steps "
           f"({steps['groups'].iloc[-1]} query groups) in {steps['elapsed_s'].iloc[-1]:.0f}s; "
           f"loss {steps['loss'].head(20).mean():.3f} -> {steps['loss'].tail(20).mean():.3f}")
     ce.verbose = False
@@ -79,14 +80,14 @@ def run_demo(cfg: DemoConfig, save: Optional[Path] = None) -> Dict[str, pd.DataF
     tables["trec_dl_2019"] = experiment(dl19_candidates, ce, dl19.get_topics("test"), dl19.get_qrels("test"),
                                         "BM25 top-100", [nDCG @ 10, RR(rel=2) @ 10])
     for name, table in tables.items():
-        print(f"\n{name}:\n{compact(table).to_string(index=False)}")
+        logger.info(f"\n{name}:\n{compact(table).to_string(index=False)}")
         if save:
             save.mkdir(parents=True, exist_ok=True)
             table.to_csv(save / f"{name}.csv", index=False)
     if save:
         ce.save_pretrained(save / "model")
-        print(f"\nTables and the trained model saved in {save}")
-    print(f"\nTotal time: {(time.perf_counter() - started) / 60:.1f} min")
+        logger.info(f"\nTables and the trained model saved in {save}")
+    logger.info(f"\nTotal time: {(time.perf_counter() - started) / 60:.1f} min")
     return tables
 
 

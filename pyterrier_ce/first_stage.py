@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyterrier as pt
+from pyterrier_pisa import PisaIndex
 
 from .data import BeirDataset
 
@@ -32,8 +33,6 @@ def quiet_native_output():
 
 def bm25_pipeline(data: BeirDataset, workdir: Path, depth: int) -> pt.Transformer:
     """PISA BM25 over the dataset's corpus (indexed once into ``workdir``) with a text loader."""
-    from pyterrier_pisa import PisaIndex
-
     index = PisaIndex(str(workdir / f"{data.name}.pisa"), text_field="text")
     with quiet_native_output():
         if not index.built():

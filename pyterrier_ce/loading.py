@@ -49,7 +49,8 @@ def load_model(
         return _load(model, trust_remote_code=trust_remote_code, torch_dtype=torch_dtype)
 
 
-def _load(model: ModelLike, *, trust_remote_code: bool, torch_dtype: Optional[torch.dtype]) -> Tuple[PreTrainedModel, str]:
+def _load(model: ModelLike, *, trust_remote_code: bool,
+          torch_dtype: Optional[torch.dtype]) -> Tuple[PreTrainedModel, str]:
     if isinstance(model, PreTrainedModel):
         return _from_built(model), str(getattr(model.config, "_name_or_path", "") or "")
     if not isinstance(model, (str, os.PathLike)):

@@ -122,11 +122,13 @@ class CrossEncoder(pt.Estimator):
         else:
             self._fingerprint = self.weights_fingerprint()
         # The model this one started from, kept through training: what a resumed run must start from too.
-        self._origin = {k: v for k, v in self.identity_key().items() if k in ("model", "layers", "weights", "tokenizer")}
+        self._origin = {k: v for k, v in self.identity_key().items()
+                        if k in ("model", "layers", "weights", "tokenizer")}
 
     def _check_max_length(self, max_length: Optional[int], name: str = "max_length") -> int:
         limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit is not None and getattr(self.model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        roberta_like = ("roberta", "xlm-roberta", "camembert")
+        if limit is not None and getattr(self.model.config, "model_type", "") in roberta_like:
             limit -= 2  # RoBERTa-style position ids start after the padding index
         if max_length is None:
             return min(512, limit) if limit is not None else 512

@@ -9,12 +9,11 @@ about who the main process is.
 from __future__ import annotations
 
 import torch
+from accelerate import PartialState
 
 
 def state():
     """The process-wide ``accelerate.PartialState`` (created on first use)."""
-    from accelerate import PartialState
-
     # Without cpu=True a CPU-only machine launched with torchrun would not join a process
     # group, and every process would believe it is the only one.
     return PartialState(cpu=not torch.cuda.is_available())

@@ -127,7 +127,8 @@ class GroupSampler:
         if self._teacher is not None and len(self._teacher) != len(candidates):
             raise ValueError(f"{len(self._teacher)} teacher scores for {len(candidates)} candidates.")
         if qrels is None:
-            qrels = pd.DataFrame({"qid": pd.Series(dtype=str), "docno": pd.Series(dtype=str), "label": pd.Series(dtype=int)})
+            qrels = pd.DataFrame({"qid": pd.Series(dtype=str), "docno": pd.Series(dtype=str),
+                                  "label": pd.Series(dtype=int)})
         self._docnos = candidates["docno"].astype(str).to_numpy()
         self._texts = np.array(as_strings(candidates[text_field]), dtype=object)
         self._queries = self._index(candidates, qrels)
@@ -231,9 +232,11 @@ class GroupSampler:
         return Group(q.qid, q.query, self._docnos[rows].tolist(), self._texts[rows].tolist(), targets)
 
     def _distillation_group(self, q: _Query, rng: np.random.Generator) -> Group:
+        teacher = self._teacher
+        assert teacher is not None  # only called when distilling
         everything = np.concatenate([q.positives, q.negatives])
         if self.negatives == "top":
-            rows = everything[np.argsort(-self._teacher[everything], kind="stable")[: self.group_size]]
+            rows = everything[np.argsort(-teacher[everything], kind="stable")[: self.group_size]]
         elif len(q.positives):
             first = q.positives[rng.integers(len(q.positives))]
             others = everything[everything != first]
@@ -242,4 +245,4 @@ class GroupSampler:
         else:
             rows = everything[rng.choice(len(everything), size=min(self.group_size, len(everything)), replace=False)]
         return Group(q.qid, q.query, self._docnos[rows].tolist(), self._texts[rows].tolist(),
-                     self._teacher[rows].astype(float).tolist())
+                     teacher[rows].astype(float).tolist())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Union
 
@@ -202,7 +203,5 @@ def resolve_lrs(settings: "TrainingSettings", total_steps: int) -> tuple:
 
 
 def default_cache_dir() -> str:
-    import os
-
     root = os.environ.get("PYTERRIER_CE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "pyterrier-ce"))
     return os.path.join(root, "teachers")

@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 import pyterrier as pt
+from pyterrier_caching import ScorerCache
 
 from .atomic import write_file
 from .identity import digest, identity_of
@@ -50,7 +51,8 @@ def _align(candidates: pd.DataFrame, scored: pd.DataFrame, teacher: Teacher) -> 
     bad = ~np.isfinite(values)
     if bad.any():
         sample = [f"{q}/{d}" for q, d in keys[bad][:3]]
-        raise ValueError(f"Teacher {teacher!r} gave {int(bad.sum())} NaN or infinite scores (e.g. {sample}); refusing to train on them.")
+        raise ValueError(f"Teacher {teacher!r} gave {int(bad.sum())} NaN or infinite scores (e.g. {sample}); "
+                         f"refusing to train on them.")
     return values
 
 
@@ -97,8 +99,6 @@ class PipelineTeacher(Teacher):
                     f"so its scores are not cached on disk. To cache them, name it: "
                     f"pyterrier_ce.teachers.PipelineTeacher(pipeline, key='my-teacher-v1').", stacklevel=3)
             return _align(candidates, _checked_scores(self.transformer(candidates), self), self)
-        from pyterrier_caching import ScorerCache
-
         path.parent.mkdir(parents=True, exist_ok=True)
         write_file(path.parent / f"{path.name}.json",  # which teacher a folder holds
                    lambda tmp: tmp.write_text(json.dumps(self.identity, indent=1, default=str)))
@@ -190,7 +190,8 @@ class Ensemble(Teacher):
     Paper: Hofstätter et al. 2020 average the scores of an ensemble of cross-encoder teachers.
     """
 
-    def __init__(self, teachers: Sequence, normalize: Optional[str] = "zscore", weights: Optional[Sequence[float]] = None):
+    def __init__(self, teachers: Sequence, normalize: Optional[str] = "zscore",
+                 weights: Optional[Sequence[float]] = None):
         if normalize not in NORMALISATIONS:
             raise ValueError(f"normalize={normalize!r} is not one of {NORMALISATIONS}.")
         if not teachers:

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
-
 from conftest import save_tiny, tiny_config
-from pyterrier_ce import CrossEncoder
-from pyterrier_ce.training import loop
-from pyterrier_ce.cls_only import cls_only_last_layer, last_layer
 from test_engine import assert_same_training, pairs, train
+
+from pyterrier_ce import CrossEncoder
+from pyterrier_ce.cls_only import cls_only_last_layer, last_layer
+from pyterrier_ce.training import loop
 
 CLASSES = {
     "bert": transformers.BertForSequenceClassification,

@@ -9,10 +9,10 @@ import pyterrier as pt
 import pytest
 import torch
 import transformers
+from conftest import save_tiny, tiny_config
 from pyterrier.testing import transformer_test_class
 
 from pyterrier_ce import CrossEncoder
-from conftest import save_tiny, tiny_config
 
 
 def reference_scores(model_dir, frame: pd.DataFrame, max_length: int) -> np.ndarray:
@@ -32,7 +32,7 @@ def test_transform_adds_score_and_rank(tiny_ce, pairs_frame):
     assert len(out) == len(pairs_frame)
     assert list(out.columns) == ["qid", "query", "docno", "text", "score", "rank"]
     assert out["score"].dtype == np.float64 and out["rank"].dtype.kind == "i"
-    for qid, group in out.groupby("qid"):
+    for _, group in out.groupby("qid"):
         assert group["rank"].tolist() == list(range(len(group)))
         assert group["score"].is_monotonic_decreasing
     assert out["qid"].is_monotonic_increasing
@@ -106,9 +106,10 @@ def test_inspect(tiny_ce):
 
 @transformer_test_class
 def test_pyterrier_transformer_contract():
-    import conftest  # the fixture folders are session-scoped; build a model of our own here
     import tempfile
     from pathlib import Path
+
+    import conftest  # the fixture folders are session-scoped; build a model of our own here
 
     folder = Path(tempfile.mkdtemp())
     tok = transformers.BertTokenizerFast(vocab=str(conftest._write_vocab(folder / "vocab.txt")))

@@ -10,12 +10,12 @@ import pyterrier as pt
 import pytest
 import torch
 import transformers
-from pyterrier.measures import nDCG
-
 from conftest import save_tiny, tiny_config
+from pyterrier.measures import nDCG
+from test_fit import synthetic
+
 from pyterrier_ce import CrossEncoder, objectives
 from pyterrier_ce.teachers import Ensemble, PipelineTeacher, RunTeacher, as_teacher
-from test_fit import synthetic
 
 
 def t(rows):

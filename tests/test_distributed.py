@@ -10,13 +10,13 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pytest
 import pandas as pd
+import pytest
 import torch
 from safetensors.torch import load_file
+from test_fit import synthetic
 
 from pyterrier_ce import CrossEncoder
-from test_fit import synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-
 from conftest import WORDS, save_tiny, tiny_config
+
 from pyterrier_ce import CrossEncoder, memory, scoring
 from pyterrier_ce.training import steps
 from pyterrier_ce.training.steps import StepRunner

@@ -10,9 +10,9 @@ import pyterrier as pt
 import pytest
 import torch
 import transformers
+from conftest import WORDS
 from pyterrier.measures import nDCG
 
-from conftest import WORDS
 from pyterrier_ce import CrossEncoder, objectives
 from pyterrier_ce.training import NonFiniteLoss
 from pyterrier_ce.training.steps import StepRunner
@@ -202,7 +202,6 @@ def test_resume_refuses_a_partial_checkpoint(tiny_model_dir, task, tmp_path):
 
 def test_gradient_accumulation_matches_a_big_batch(tmp_path, tiny_tokenizer, task):
     import transformers
-
     from conftest import save_tiny, tiny_config
 
     candidates, qrels = task
@@ -300,6 +299,7 @@ def test_fits_with_different_precisions_in_one_process(tiny_model_dir, task):
 
 def test_dropout_settings_apply_while_training_and_are_restored(tiny_model_dir, task, tiny_tokenizer, monkeypatch):
     from conftest import tiny_config
+
     from pyterrier_ce.training.optimiser import dropout_overrides
 
     ce = make(tiny_model_dir)

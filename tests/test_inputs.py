@@ -7,8 +7,8 @@ import logging
 import pandas as pd
 import pytest
 import transformers
-
 from conftest import WORDS, tiny_config
+
 from pyterrier_ce import CrossEncoder, batching, scoring
 
 

@@ -20,10 +20,10 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
+from test_fit import make, synthetic
 
 from pyterrier_ce import CrossEncoder
 from pyterrier_ce.training import CheckpointError, NonFiniteLoss
-from test_fit import make, synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,6 @@ import shutil
 import pytest
 import torch
 import transformers
-
 from conftest import save_tiny, tiny_config
 from test_fit import make
 from test_reliability import good_checkpoint, small_task  # noqa: F401 (fixtures)

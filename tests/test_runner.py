@@ -187,8 +187,8 @@ def test_training_queries_that_an_evaluation_set_holds_are_left_out(config, tmp_
               "evaluate": [{"name": "seen", "dataset": "toy", "split": "train", "queries": 3,
                             "first_stage": {"bm25": 5}}]}
     run_config(config)
-    out = capsys.readouterr().out
-    assert "3 training queries are also in evaluation set seen: left out of training" in out
+    logged = capsys.readouterr().err  # the pyterrier_ce logger (the command line sends it to stdout)
+    assert "3 training queries are also in evaluation set seen: left out of training" in logged
     work = tmp_path / "work"
     assert "3 training queries that evaluation set seen also holds were left out" in (work / "results.md").read_text()
     start = json.loads((work / "logs" / "tiny-infonce-s1.jsonl").read_text().splitlines()[0])
@@ -233,7 +233,7 @@ def test_under_torch_distributed_run_each_system_trains_once_across_processes(co
         cwd=REPO, capture_output=True, text=True, timeout=240,
         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("training tiny-infonce-s1") == 1  # the main process speaks, once
+    assert done.stderr.count("training tiny-infonce-s1") == 1  # the main process speaks (logger), once
     log = [json.loads(line) for line in (tmp_path / "work" / "logs" / "tiny-infonce-s1.jsonl").read_text().splitlines()]
     assert [r["event"] for r in log].count("start") == 1
     assert log[0]["groups_per_step"] == 2  # one group from each of the two processes, every step

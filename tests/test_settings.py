@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import pytest
+from test_fit import synthetic
 
 from pyterrier_ce import CrossEncoder, TrainingSettings
-from test_fit import synthetic
 
 
 def test_numbers_written_as_strings_are_read_as_numbers():

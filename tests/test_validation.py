@@ -7,7 +7,6 @@ import pyterrier as pt
 import pytest
 import torch
 from pyterrier.measures import nDCG
-
 from test_fit import make, synthetic
 
 

@@ -9,7 +9,7 @@ that differ from reference libraries.
 """
 from .approximate import ADRMSE, teacher_ranks
 from .base import Objective, available, distils, get, masked_mean, ordered_pairs, register, score_differences
-from .listwise import KLDivergence, InfoNCE, ListNet
+from .listwise import InfoNCE, KLDivergence, ListNet
 from .pairwise import DistillRankNet, Hinge, LambdaLoss, MarginMSE, RankNet
 from .pointwise import BCE, MSE
 

@@ -58,7 +58,7 @@ def distils(objective: Union[str, nn.Module]) -> bool:
     if isinstance(objective, str):
         if objective not in _REGISTRY:
             raise ValueError(f"Unknown objective {objective!r}; available: {', '.join(available())}.")
-        objective = _REGISTRY[objective]
+        return _REGISTRY[objective].targets_kind == "teacher"
     return getattr(objective, "targets_kind", "labels") == "teacher"
 
 

@@ -14,8 +14,22 @@ import yaml
 from .. import objectives as registry
 from ..data import BeirDataset, default_data_dir
 from ..settings import TrainingSettings
-from .specs import (CONSTRUCTOR_SETTINGS, EVAL_KEYS, MODEL_KEYS, OBJECTIVE_KEYS, PACKAGED_MODELS, RESERVED_SETTINGS,
-                    TEACHER_KEYS, TOP_KEYS, TRAIN_KEYS, Config, ConfigError, DataSpec, ModelSpec, ObjectiveSpec)
+from .specs import (
+    CONSTRUCTOR_SETTINGS,
+    EVAL_KEYS,
+    MODEL_KEYS,
+    OBJECTIVE_KEYS,
+    PACKAGED_MODELS,
+    RESERVED_SETTINGS,
+    TEACHER_KEYS,
+    TOP_KEYS,
+    TRAIN_KEYS,
+    Config,
+    ConfigError,
+    DataSpec,
+    ModelSpec,
+    ObjectiveSpec,
+)
 
 
 def _check_keys(section: Dict[str, Any], valid, where: str) -> None:
@@ -57,7 +71,8 @@ def _data_spec(section: Any, where: str, keys, data: Path) -> DataSpec:
         raise ConfigError(f"{where} needs `first_stage`: {{bm25: DEPTH}} or candidates.")
     spec = DataSpec(name=str(section.get("name", dataset)), dataset=dataset, split=split,
                     first_stage=_first_stage(section["first_stage"], where),
-                    queries=None if section.get("queries") is None else _positive_int(section["queries"], f"{where} queries"),
+                    queries=(None if section.get("queries") is None
+                             else _positive_int(section["queries"], f"{where} queries")),
                     seed=int(section.get("seed", 42)), measures=section.get("measures"),
                     positives_only=bool(section.get("positives_only", False)))
     folder = data / dataset
@@ -81,7 +96,8 @@ def _measures(names: Any, where: str) -> List[str]:
         try:
             ir_measures.parse_measure(str(name))
         except Exception as err:  # ir_measures raises several types for bad names
-            raise ConfigError(f"{where}: {name!r} is not an ir_measures name ({err}); e.g. nDCG@10, RR(rel=2)@10, AP.") from None
+            raise ConfigError(f"{where}: {name!r} is not an ir_measures name ({err}); "
+                              f"e.g. nDCG@10, RR(rel=2)@10, AP.") from None
     return [str(n) for n in names]
 
 
@@ -149,7 +165,8 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Option
         try:
             data = default_data_dir()
         except FileNotFoundError:
-            raise ConfigError("No data folder: set `data:` in the config, pass --data DIR or set PYTERRIER_CE_DATA.") from None
+            raise ConfigError("No data folder: set `data:` in the config, pass --data DIR or set "
+                              "PYTERRIER_CE_DATA.") from None
     data = Path(data if data is not None else raw["data"])
     workdir = Path(workdir if workdir is not None else raw.get("workdir") or Path("runs") / name)
 
@@ -175,16 +192,19 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Option
         if isinstance(entry, str):
             entry = {"name": entry}
         _check_keys(entry, OBJECTIVE_KEYS, where)
-        objective = ObjectiveSpec(str(_required(entry, "name", where)), _check_settings(entry.get("settings"), f"{where} settings"))
+        objective = ObjectiveSpec(str(_required(entry, "name", where)),
+                                  _check_settings(entry.get("settings"), f"{where} settings"))
         if objective.name not in registry.available():
-            raise ConfigError(f"{where}: unknown objective {objective.name!r}; available: {', '.join(registry.available())}.")
+            raise ConfigError(f"{where}: unknown objective {objective.name!r}; "
+                              f"available: {', '.join(registry.available())}.")
         objectives.append(objective)
     for what, names in (("models", [m.name for m in models]), ("objectives", [o.name for o in objectives])):
         if not names:
             raise ConfigError(f"`{what}` is empty: list at least one.")
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
-            raise ConfigError(f"{what} repeat the name(s) {repeated}: each name must be unique (system names use them).")
+            raise ConfigError(f"{what} repeat the name(s) {repeated}: each name must be unique "
+                              f"(system names use them).")
         bad = [n for n in names if not n or "/" in n or n.startswith(".")]
         if bad:
             raise ConfigError(f"{what} name(s) {bad} cannot be file names: use letters, digits, '-' and '_'.")
@@ -193,10 +213,12 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Option
     if teacher is not None:
         kind = [k for k in TEACHER_KEYS if k in teacher] if isinstance(teacher, dict) else []
         if len(kind) != 1:
-            raise ConfigError("teacher must be {model: FOLDER_OR_HUB_NAME} (scores the candidates) or {run: TREC_FILE}.")
+            raise ConfigError("teacher must be {model: FOLDER_OR_HUB_NAME} (scores the candidates) "
+                              "or {run: TREC_FILE}.")
         _check_keys(teacher, TEACHER_KEYS[kind[0]], "teacher")
         if kind[0] == "run" and not Path(teacher["run"]).is_file():
-            raise ConfigError(f"teacher run {teacher['run']} does not exist (paths are relative to the current directory).")
+            raise ConfigError(f"teacher run {teacher['run']} does not exist (paths are relative to the "
+                              f"current directory).")
     distillers = [o.name for o in objectives if o.distils]
     if distillers and teacher is None:
         raise ConfigError(
@@ -206,7 +228,8 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Option
         warnings.warn("The config has a teacher but no distillation objective: the teacher is not used.", stacklevel=2)
 
     seeds = raw.get("seeds", [42])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    integers = isinstance(seeds, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    if not integers or not seeds:
         raise ConfigError(f"seeds must be a list of integers, e.g. [42, 43], not {seeds!r}.")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds repeat a value: {seeds}.")

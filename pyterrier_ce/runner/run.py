@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import ir_measures
 import pandas as pd
@@ -24,6 +24,7 @@ import pyterrier as pt
 
 from .. import processes
 from ..atomic import write_file
+from ..logs import logger
 from ..model import CrossEncoder
 from ..tables import compact
 from ..teachers import RunTeacher, as_teacher
@@ -40,10 +41,10 @@ class Runner:
 
     Args:
         config: The checked config.
-        log: Where progress lines go (``print`` by default; only the main process prints).
+        log: Where progress lines go (the package logger by default; only the main process logs).
     """
 
-    def __init__(self, config: Config, log=print):
+    def __init__(self, config: Config, log: Callable[[str], None] = logger.info):
         self.cfg = config
         self.state = processes.state()
         self.main = self.state.is_main_process
@@ -220,10 +221,11 @@ class Runner:
                 continue
             _, candidates = self.candidates(spec)
             run = candidates if model is None else model(candidates)
-            write_file(path, lambda tmp: pt.io.write_results(run, str(tmp), run_name=system))
+            write_file(path, lambda tmp, run=run: pt.io.write_results(run, str(tmp), run_name=system))
             spec_file = path.parent / "spec.json"
             if not spec_file.exists():
-                write_file(spec_file, lambda tmp: tmp.write_text(json.dumps(spec.key())))
+                key = json.dumps(spec.key())
+                write_file(spec_file, lambda tmp, key=key: tmp.write_text(key))
 
     def evaluate(self) -> Dict[str, pd.DataFrame]:
         """One ``pt.Experiment`` per evaluation set over the saved runs."""

@@ -135,7 +135,8 @@ class StepRunner:
                 context = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
                 with context, acc.autocast():
                     logits = self._pair_logits(batch)
-                    scores = torch.zeros(mask.shape, device=self.device, dtype=logits.dtype).masked_scatter(mask, logits)
+                    scores = torch.zeros(mask.shape, device=self.device, dtype=logits.dtype)
+                    scores = scores.masked_scatter(mask, logits)
                     loss = self.objective(scores, targets, mask) / len(micro)
 
                 def backward(loss: torch.Tensor = loss) -> None:
