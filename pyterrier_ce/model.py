@@ -16,7 +16,7 @@ from . import objectives, processes, training
 from .batching import UntokenizablePair, as_strings
 from .history import TrainingLog
 from .identity import folder_fingerprint
-from .inputs import judgements, teacher_scores, validation_judgements
+from .inputs import candidates, check_result_frame, check_values, judgements, teacher_scores, validation_judgements
 from .loading import ModelLike, check_tokenizer_fits, keep_layers, load_model, load_tokenizer, student_layers
 from .logs import logger
 from .precision import PRECISIONS, dtype_name, quantized_copy, resolve_device, resolve_precision
@@ -201,35 +201,6 @@ class CrossEncoder(pt.Estimator):
 
     # -- scoring ----------------------------------------------------------------------------
 
-    def _validate(self, inp: pd.DataFrame) -> None:
-        try:
-            pt.validate.result_frame(inp, extra_columns=["query", self.text_field])
-        except pt.validate.InputValidationError as err:
-            missing = set(err.modes[0].missing_columns) if err.modes else set()
-            hints = []
-            if self.text_field in missing:
-                hints.append(
-                    f"no `{self.text_field}` column: add `pt.text.get_text(...)` or `dataset.text_loader()` "
-                    f"before the CrossEncoder (or set text_field= to the column holding the text)"
-                )
-            if "query" in missing:
-                hints.append("no `query` column: rerank the output of a retriever run on topics (qid, query)")
-            if "docno" in missing or "qid" in missing:
-                hints.append("the input must be a result frame with `qid` and `docno`")
-            message = "; ".join(hints) if hints else str(err.args[0])
-            raise pt.validate.InputValidationError(f"CrossEncoder: {message}.", err.modes) from None
-
-    def _check_values(self, inp: pd.DataFrame, what: str) -> None:
-        """Refuses missing (NaN/None) queries and texts: usually a text join that failed."""
-        for column in ("query", self.text_field):
-            missing = inp[column].isna()
-            if missing.any():
-                example = inp.loc[missing, ["qid", "docno"]].iloc[0].tolist()
-                raise ValueError(
-                    f"CrossEncoder: {int(missing.sum())} rows have no `{column}` (NaN/None), e.g. (qid, docno) "
-                    f"{tuple(example)}; fill or drop them before {what}."
-                )
-
     def _scoring_model(self):
         """The model that scores: an int8 copy for ``precision="int8"``, rebuilt when the weights change."""
         if self.precision != "int8":
@@ -270,11 +241,11 @@ class CrossEncoder(pt.Estimator):
         are scored as given, with a warning. qids and docnos may be of any type (ranks are per
         qid); a repeated (qid, docno) row is scored once per row.
         """
-        self._validate(inp)
+        check_result_frame(inp, self.text_field)
         if len(inp) == 0:
             out = inp.assign(score=pd.Series(dtype="float64"), rank=pd.Series(dtype="int64"))
             return out
-        self._check_values(inp, "reranking")
+        check_values(inp, self.text_field, "reranking")
         queries, texts = as_strings(inp["query"]), as_strings(inp[self.text_field])
         empty = {column: sum(1 for value in values if not value.strip())
                  for column, values in (("query", queries), (self.text_field, texts))}
@@ -339,13 +310,13 @@ class CrossEncoder(pt.Estimator):
         s.check_complete()
         if s.train_max_length is not None:
             self._check_max_length(s.train_max_length, "train_max_length")
-        train = self._candidates(train, s.first_stage, "train")
+        train = candidates(train, s.first_stage, self.text_field, "train")
         train_qrels = judgements(train_qrels, "train_qrels")
         if (valid is None) != (valid_qrels is None):
             raise ValueError("Pass both valid and valid_qrels for validation, or neither.")
         validator = None
         if valid is not None:
-            valid = self._candidates(valid, s.first_stage, "valid")
+            valid = candidates(valid, s.first_stage, self.text_field, "valid")
             valid_qrels = validation_judgements(judgements(valid_qrels, "valid_qrels"), valid)
             validator = training.Validator(valid, valid_qrels, s.eval_metric, self._scores_of(valid), s.patience)
         objective = objectives.get(s.objective, **s.objective_params)
@@ -353,7 +324,7 @@ class CrossEncoder(pt.Estimator):
                                text_field=self.text_field, teacher_scores=teacher_scores(s, objective, train))
         plan = training.plan_training(
             s, objective=objective, groups=len(sampler), processes=processes.world_size(),
-            max_length=s.train_max_length or self.max_length, precision=s.precision or self.precision,
+            max_length=s.train_max_length or self.max_length, precision=s.train_precision or self.precision,
             device=self.device, origin=self._origin)
         self.history = TrainingLog(plan.log_file if processes.is_main() else None)
         if self.verbose and processes.is_main():
@@ -383,24 +354,6 @@ class CrossEncoder(pt.Estimator):
                                max_length=self.max_length, precision=self.precision, verbose=False)
 
         return score
-
-    def _candidates(self, frame: pd.DataFrame, first_stage, what: str) -> pd.DataFrame:
-        if "docno" not in frame.columns:
-            if first_stage is None:
-                raise ValueError(
-                    f"{what} has no `docno`: pass candidates (e.g. `(bm25 >> dataset.text_loader())(topics)`), "
-                    f"fit the pipeline `(bm25 >> dataset.text_loader() >> ce).fit(topics, qrels)`, "
-                    f"or give first_stage=."
-                )
-            frame = first_stage(frame)
-        self._validate(frame)
-        if len(frame) == 0:
-            raise ValueError(
-                f"{what} is empty (no candidates to train on): check that the first stage retrieved "
-                f"documents for these topics, and that the frame was not filtered to nothing."
-            )
-        self._check_values(frame, "training")
-        return frame
 
     # -- saving and loading -----------------------------------------------------------------
 

@@ -49,8 +49,10 @@ class TrainingSettings:
         train_max_length: Token budget of a pair in training (``None``: the CrossEncoder's
             ``max_length``); shorter than the scoring budget, it buys more training per minute.
         max_grad_norm: Gradient-norm clipping (``None``: off).
-        precision: ``"auto"`` (bf16 on GPU, fp32 on CPU), ``"fp32"``, ``"bf16"`` or ``"fp16"``;
-            ``None`` takes the CrossEncoder's own.
+        train_precision: The compute precision of training's forward passes: ``"auto"`` (bf16 on
+            GPUs, and on CPUs with native bf16), ``"fp32"``, ``"bf16"`` or ``"fp16"``;
+            ``None`` follows the CrossEncoder's ``precision`` (its scoring precision; ``"int8"``
+            scoring trains at ``"auto"``), so one setting owns each.
         seed: Seeds the sampling, the dropout and the head.
         eval_every: Validate every this many optimiser steps (``None``: at the end of each epoch).
         eval_metric: An ir_measures name, e.g. ``"nDCG@10"`` or ``"RR(rel=2)@10"``.
@@ -87,7 +89,7 @@ class TrainingSettings:
     attention_dropout: Optional[float] = 0.0
     train_max_length: Optional[int] = None
     max_grad_norm: Optional[float] = 1.0
-    precision: Optional[str] = None
+    train_precision: Optional[str] = None
     seed: int = 42
     eval_every: Optional[int] = None
     eval_metric: str = "nDCG@10"

@@ -51,8 +51,8 @@ def test_int8_scoring_validates_the_weights_being_trained(tiny_model_dir, traini
     settings = dict(max_steps=4, eval_every=1, lr=3e-2, head_lr=None, dropout=0.0)
     int8 = make(tiny_model_dir, precision="int8", **settings)  # scores through a quantised copy
     fp32 = make(tiny_model_dir, precision="fp32", **settings)
-    int8.fit(candidates, qrels, valid, valid_qrels, precision=training)
-    fp32.fit(candidates, qrels, valid, valid_qrels, precision=training)
+    int8.fit(candidates, qrels, valid, valid_qrels, train_precision=training)
+    fp32.fit(candidates, qrels, valid, valid_qrels, train_precision=training)
     values = int8.history.frame("valid")["value"].tolist()
     assert values == pytest.approx(fp32.history.frame("valid")["value"].tolist())
     assert len(set(values)) > 1  # a stale copy would give one value four times

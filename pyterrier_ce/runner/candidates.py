@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import pandas as pd
 import pyterrier as pt
 
+from .. import processes
 from ..atomic import write_file
 from ..data import BeirDataset
 from ..first_stage import bm25_pipeline, quiet_native_output
@@ -52,7 +53,7 @@ class Candidates:
                 cached = pd.read_pickle(path)
             else:
                 cached = self._build(spec)
-                if self.state.is_main_process:
+                if processes.is_main():
                     write_file(path, lambda tmp: pd.to_pickle(cached, tmp))
         self._built[path.name] = (cached["topics"], cached["candidates"])
         return self._built[path.name]

@@ -47,7 +47,7 @@ class Runner:
     def __init__(self, config: Config, log: Callable[[str], None] = logger.info):
         self.cfg = config
         self.state = processes.state()
-        self.main = self.state.is_main_process
+        self.main = processes.is_main()
         self._log = log
         self._started = time.perf_counter()
         self.candidates = Candidates(config, self.state, self.log)

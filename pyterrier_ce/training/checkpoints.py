@@ -11,6 +11,7 @@ from typing import Any, Dict, Optional
 import torch
 from accelerate import Accelerator
 
+from .. import processes
 from ..atomic import recover_dir, replace_dir
 from ..history import TrainingLog
 from ..loading import quiet_transformers
@@ -44,14 +45,14 @@ class Checkpointer:
 
     def __init__(self, folder: Path, accelerator: Accelerator, record: Dict[str, Any], log: TrainingLog):
         self.folder, self.accelerator, self.record, self.log = folder, accelerator, record, log
-        self.rank = accelerator.process_index
+        self.rank = processes.rank()
 
     def save(self, model: torch.nn.Module, optimizer, scheduler, state: Dict[str, Any]) -> None:
         """Writes ``last/``: the weights, optimiser, scheduler, RNG states and ``state`` (counters)."""
         acc = self.accelerator
         tmp = self.folder / ".last.tmp"
         acc.wait_for_everyone()
-        if acc.is_main_process:
+        if processes.is_main():
             stale = list(self.folder.glob(".last.tmp*"))  # left by a crash
             if (self.folder / "last").exists():  # then old copies are not needed to recover
                 stale += self.folder.glob(".last.old-*")
@@ -64,14 +65,14 @@ class Checkpointer:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / _rng_file(self.rank))
         acc.wait_for_everyone()
-        if not acc.is_main_process:
+        if not processes.is_main():
             return
         with quiet_transformers():
             acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         full = {**state, "total_steps": self.record["total_steps"], "groups_per_step": self.record["groups_per_step"],
-                "processes": acc.num_processes, "seed": self.record["seed"], "run": self.record}
+                "processes": processes.world_size(), "seed": self.record["seed"], "run": self.record}
         (tmp / "trainer_state.json").write_text(json.dumps(full, indent=1))
         replace_dir(tmp, self.folder / "last")
 
@@ -85,7 +86,7 @@ class Checkpointer:
             FileNotFoundError: Files are missing (a partial or foreign folder).
         """
         folder = self.folder / "last"
-        if self.accelerator.is_main_process and recover_dir(folder):
+        if processes.is_main() and recover_dir(folder):
             self.log.write(event="recovered", folder=str(folder))
         self.accelerator.wait_for_everyone()
         if not folder.exists():

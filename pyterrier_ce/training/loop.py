@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .. import processes
 from ..cls_only import cls_only_last_layer
 from ..history import TrainingLog
 from ..memory import keep_freed_memory
@@ -55,7 +56,7 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: Trai
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=_MIXED[plan.precision])
     best = BestWeights(plan.checkpoint_dir / "best" if plan.checkpoint_dir else None, save_model,
-                       accelerator.is_main_process)
+                       processes.is_main())
     torch.manual_seed(plan.seed)
     with training_mode(model, plan):
         optimizer, scheduler = build_optimiser(model, plan)
@@ -64,7 +65,7 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: Trai
             # the last layer for [CLS] alone: the same gradients for less work (see cls_only)
             with cls_only_last_layer(model):
                 step, elapsed_s = _run_steps(prepared, accelerator, optimizer, scheduler, tokenizer, plan, sampler,
-                                             log, validator, best, progress=progress and accelerator.is_main_process)
+                                             log, validator, best, progress=progress and processes.is_main())
         finally:
             accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)  # the plain forward back
     if validator is not None and validator.best_step not in (None, step):
@@ -92,7 +93,7 @@ def _run_steps(model, accelerator: Accelerator, optimizer, scheduler, tokenizer,
             step = state["step"]
             if validator is not None:
                 validator.load_state_dict(state)
-    if accelerator.is_main_process and step == 0:
+    if processes.is_main() and step == 0:
         log.write(event="start", sampling=_sampling_report(sampler, plan), total_steps=plan.total_steps,
                   groups_per_step=plan.groups_per_step, lr=plan.lr, head_lr=plan.head_lr,
                   objective=plan.objective_name, eval_depth=validator.depth if validator else None)

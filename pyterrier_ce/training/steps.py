@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from .. import processes
 from ..batching import pad_batch, pad_token_id, padded_chunks, uses_token_types
 from ..history import TrainingLog
 from ..memory import free_memory, is_out_of_memory
@@ -63,7 +64,7 @@ class StepRunner:
         self.model, self.accelerator, self.objective = model, accelerator, objective
         self.tokenizer, self.plan, self.log = tokenizer, plan, log
         self.device = accelerator.device
-        self.world, self.rank = plan.processes, accelerator.process_index
+        self.world, self.rank = plan.processes, processes.rank()
         self.pad_id = pad_token_id(tokenizer)
         self.token_types = uses_token_types(accelerator.unwrap_model(model))
         # How passes run; lowered for the rest of the run after an out-of-memory error.
