@@ -2,7 +2,7 @@
 judgements (qrels), the validation judgements, and the teacher's scores of the training candidates."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -10,8 +10,10 @@ import pyterrier as pt
 import torch
 
 from . import objectives
+from .candidates import Candidates
 from .settings import TrainingSettings, default_cache_dir
-from .teachers import as_teacher
+from .teachers import RunTeacher, as_teacher
+from .texts import TextSource
 
 
 def check_result_frame(inp: pd.DataFrame, text_field: str) -> None:
@@ -45,8 +47,15 @@ def check_values(inp: pd.DataFrame, text_field: str, what: str) -> None:
             )
 
 
-def candidates(frame: pd.DataFrame, first_stage, text_field: str, what: str) -> pd.DataFrame:
-    """Training or validation candidates: the frame itself, or the first stage's results for topics."""
+def candidates(frame: Union[pd.DataFrame, Candidates], first_stage, text_field: str, what: str,
+               text_source: Optional[TextSource] = None) -> Union[pd.DataFrame, Candidates]:
+    """Training or validation candidates: the frame itself (with text, or without it when a text
+    source is given), compactly held :class:`Candidates`, or the first stage's results for topics."""
+    if isinstance(frame, Candidates):
+        if frame.texts is None and text_source is None:
+            raise ValueError(f"{what}: {frame!r} has no texts: give text_source= (a text loader, or an ir_datasets "
+                             f"docs_store()).")
+        return frame
     if "docno" not in frame.columns:
         if first_stage is None:
             raise ValueError(
@@ -55,13 +64,14 @@ def candidates(frame: pd.DataFrame, first_stage, text_field: str, what: str) -> 
                 f"or give first_stage=."
             )
         frame = first_stage(frame)
-    check_result_frame(frame, text_field)
+    texts_later = text_source is not None and text_field not in frame.columns
+    check_result_frame(frame, "query" if texts_later else text_field)
     if len(frame) == 0:
         raise ValueError(
             f"{what} is empty (no candidates to train on): check that the first stage retrieved "
             f"documents for these topics, and that the frame was not filtered to nothing."
         )
-    check_values(frame, text_field, "training")
+    check_values(frame, "query" if texts_later else text_field, "training")
     return frame
 
 
@@ -91,8 +101,10 @@ def validation_judgements(qrels: pd.DataFrame, valid: pd.DataFrame) -> pd.DataFr
     return kept
 
 
-def teacher_scores(s: TrainingSettings, objective: torch.nn.Module, train: pd.DataFrame) -> Optional[np.ndarray]:
-    """The teacher's scores of the training candidates, when the objective distils one."""
+def teacher_scores(s: TrainingSettings, objective: torch.nn.Module, train: Union[pd.DataFrame, Candidates],
+                   text_source: Optional[TextSource], text_field: str) -> Optional[np.ndarray]:
+    """The teacher's scores of the training candidates (aligned with their rows), when the
+    objective distils one."""
     name = getattr(objective, "name", "") or type(objective).__name__
     distils = objectives.distils(objective)
     if distils and s.teacher is None:
@@ -108,4 +120,9 @@ def teacher_scores(s: TrainingSettings, objective: torch.nn.Module, train: pd.Da
     if s.teacher is None:
         return None
     cache = None if s.teacher_cache is False else (s.teacher_cache or default_cache_dir())
-    return as_teacher(s.teacher, cache_dir=cache).scores(train)
+    teacher = as_teacher(s.teacher, cache_dir=cache)
+    if isinstance(train, Candidates):
+        return teacher.scores_of(train, text_source, text_field)
+    if text_field not in train.columns and text_source is not None and not isinstance(teacher, RunTeacher):
+        train = text_source.add_texts(train, text_field)  # a scoring teacher reads the texts
+    return teacher.scores(train)

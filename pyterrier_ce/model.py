@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from . import objectives, processes, training
 from .batching import UntokenizablePair, as_strings
+from .candidates import Candidates
 from .history import TrainingLog
 from .identity import folder_fingerprint
 from .inputs import candidates, check_result_frame, check_values, judgements, teacher_scores, validation_judgements
@@ -24,6 +25,7 @@ from .sampling import GroupSampler
 from .saving import save_model_folder, saved_settings
 from .scoring import CompiledModel, ranked, score_pairs
 from .settings import TrainingSettings
+from .texts import as_text_source
 
 
 class CrossEncoder(pt.Estimator):
@@ -310,18 +312,25 @@ class CrossEncoder(pt.Estimator):
         s.check_complete()
         if s.train_max_length is not None:
             self._check_max_length(s.train_max_length, "train_max_length")
-        train = candidates(train, s.first_stage, self.text_field, "train")
+        text_source = None if s.text_source is None else as_text_source(s.text_source, self.text_field)
+        train = candidates(train, s.first_stage, self.text_field, "train", text_source)
         train_qrels = judgements(train_qrels, "train_qrels")
         if (valid is None) != (valid_qrels is None):
             raise ValueError("Pass both valid and valid_qrels for validation, or neither.")
         validator = None
         if valid is not None:
-            valid = candidates(valid, s.first_stage, self.text_field, "valid")
+            valid = candidates(valid, s.first_stage, self.text_field, "valid", text_source)
+            if isinstance(valid, Candidates):
+                valid = valid.frame(np.arange(len(valid)))
+            if self.text_field not in valid.columns:  # validation sets are small: their texts are fetched once
+                assert text_source is not None
+                valid = text_source.add_texts(valid, self.text_field)
             valid_qrels = validation_judgements(judgements(valid_qrels, "valid_qrels"), valid)
             validator = training.Validator(valid, valid_qrels, s.eval_metric, self._scores_of(valid), s.patience)
         objective = objectives.get(s.objective, **s.objective_params)
         sampler = GroupSampler(train, train_qrels, group_size=s.group_size, negatives=s.negatives, seed=s.seed,
-                               text_field=self.text_field, teacher_scores=teacher_scores(s, objective, train))
+                               text_field=self.text_field, text_source=text_source,
+                               teacher_scores=teacher_scores(s, objective, train, text_source, self.text_field))
         plan = training.plan_training(
             s, objective=objective, groups=len(sampler), processes=processes.world_size(),
             max_length=s.train_max_length or self.max_length, precision=s.train_precision or self.precision,

@@ -12,13 +12,15 @@ candidates drawn at random (``negatives="random"``), or the teacher's top ``grou
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import pandas as pd
 
 from .batching import as_strings
+from .candidates import Candidates
+from .texts import TextSource
 
 NEGATIVES = ("random", "top")
 
@@ -30,7 +32,7 @@ class Group:
     qid: str
     query: str
     docnos: List[str]
-    texts: List[str]
+    texts: Optional[List[str]]  # None until fetched from a text source
     targets: List[float]
 
 
@@ -68,30 +70,24 @@ class SamplingReport:
         return "; ".join(parts)
 
 
-@dataclass
-class _Query:
-    qid: str
-    query: str
-    positives: np.ndarray  # row indices into the candidate frame
-    positive_labels: np.ndarray
-    negatives: np.ndarray  # row indices, in first-stage order
-    teacher: Optional[np.ndarray] = field(default=None)
-
-
 class GroupSampler:
     """Builds seeded training groups of ``group_size`` documents: 1 positive + negatives.
 
     Args:
-        candidates: Result frame (qid, query, docno, text; ``rank`` or ``score`` give the
-            first-stage order used by ``negatives="top"``).
+        candidates: A result frame (qid, query, docno, and the text unless ``text_source`` is
+            given; ``rank`` or ``score`` give the first-stage order used by ``negatives="top"``),
+            or :class:`~pyterrier_ce.candidates.Candidates` (e.g. read from a run file).
         qrels: qid, docno, label (higher is better; > 0 is relevant).
         group_size: Documents per group (1 positive + ``group_size - 1`` negatives).
         negatives: ``"random"`` (uniform from the candidates not judged relevant) or ``"top"``
             (the highest-ranked of them).
         seed: Seed of the per-epoch sampling.
         text_field: Column holding the document text.
-        teacher_scores: Teacher scores aligned with the candidate rows (distillation); the
-            targets are then these scores, and qrels are optional.
+        teacher_scores: Teacher scores (distillation), aligned with the rows of the frame (or of
+            the ``Candidates``); the targets are then these scores, and qrels are optional.
+        text_source: Where the texts of candidates without text come from
+            (:func:`pyterrier_ce.texts.as_text_source`); only the texts of the groups being
+            trained are fetched (:meth:`with_texts`).
 
     Inputs that cannot make a useful group are left out and counted in :attr:`report` (never
     silently): queries without a judged-relevant candidate, or without another candidate to
@@ -105,14 +101,15 @@ class GroupSampler:
 
     def __init__(
         self,
-        candidates: pd.DataFrame,
-        qrels: pd.DataFrame,
+        candidates: Union[pd.DataFrame, Candidates],
+        qrels: Optional[pd.DataFrame],
         *,
         group_size: int = 8,
         negatives: str = "random",
         seed: int = 0,
         text_field: str = "text",
         teacher_scores: Optional[np.ndarray] = None,
+        text_source: Optional[TextSource] = None,
     ):
         if group_size < 2:
             raise ValueError(f"group_size={group_size}: a group needs a positive and at least one negative.")
@@ -122,127 +119,159 @@ class GroupSampler:
         self.negatives = negatives
         self.seed = seed
         self.text_field = text_field
+        self.text_source = text_source
         self.report = SamplingReport()
-        self._teacher = None if teacher_scores is None else np.asarray(teacher_scores, dtype=np.float32)
-        if self._teacher is not None and len(self._teacher) != len(candidates):
-            raise ValueError(f"{len(self._teacher)} teacher scores for {len(candidates)} candidates.")
-        if qrels is None:
-            qrels = pd.DataFrame({"qid": pd.Series(dtype=str), "docno": pd.Series(dtype=str),
-                                  "label": pd.Series(dtype=int)})
-        self._docnos = candidates["docno"].astype(str).to_numpy()
-        self._texts = np.array(as_strings(candidates[text_field]), dtype=object)
-        self._queries = self._index(candidates, qrels)
+        rows = len(candidates)
+        from_frame = isinstance(candidates, pd.DataFrame)
+        if isinstance(candidates, pd.DataFrame):
+            candidates = Candidates.from_frame(candidates, text_field)
+        self.candidates = candidates
+        self._teacher = None
+        if teacher_scores is not None:
+            if len(teacher_scores) != rows:
+                raise ValueError(f"{len(teacher_scores)} teacher scores for {rows} candidates.")
+            self._teacher = np.asarray(teacher_scores, dtype=np.float32)
+            if from_frame:  # the frame's rows, sorted and without repeats, as the candidates hold them
+                self._teacher = self._teacher[candidates.source_rows]
+        if candidates.texts is None and text_source is None:
+            raise ValueError(f"The training candidates have no `{text_field}`: add it (e.g. dataset.text_loader()) "
+                             f"or give text_source= (a text loader, or an ir_datasets docs_store()).")
+        self.report.duplicates = candidates.dropped_duplicates
+        self._docno_strings = candidates.docnos.strings()
+        self._usable = self._rows_with_text()
+        self._labels = self._row_labels(qrels)
+        self._bounds = candidates.query_bounds()
+        self._used = self._usable_queries()
 
-    def _index(self, candidates: pd.DataFrame, qrels: pd.DataFrame) -> List[_Query]:
-        frame = candidates.reset_index(drop=True).assign(_row=np.arange(len(candidates)))
-        frame["qid"] = frame["qid"].astype(str)
-        frame["docno"] = frame["docno"].astype(str)
-        if "rank" in frame.columns:
-            frame = frame.sort_values(["qid", "rank"], kind="stable")
-        elif "score" in frame.columns:
-            frame = frame.sort_values(["qid", "score"], ascending=[True, False], kind="stable")
-        frame = self._drop_unusable_rows(frame)
-        labels = qrels.assign(qid=qrels["qid"].astype(str), docno=qrels["docno"].astype(str))
-        labels = labels.drop_duplicates(["qid", "docno"], keep="last").set_index(["qid", "docno"])["label"]
-        frame["_label"] = labels.reindex(pd.MultiIndex.from_arrays([frame["qid"], frame["docno"]])).to_numpy()
-        frame["_label"] = frame["_label"].fillna(0)
-
-        known = set(frame["qid"])
-        self.report.qrels_for_unknown_queries = int((~labels.index.get_level_values(0).unique().isin(known)).sum())
-        relevant_judged = labels[labels > 0].groupby(level=0).size()
-        queries = []
-        for qid, rows in frame.groupby("qid", sort=False):
-            self.report.queries += 1
-            positive = rows["_label"].to_numpy() > 0
-            in_candidates = int(positive.sum())
-            self.report.positives_not_in_candidates += int(relevant_judged.get(qid, 0)) - in_candidates
-            distilling = self._teacher is not None
-            if not str(rows["query"].iloc[0]).strip():
-                self.report.empty_query += 1
-                continue
-            if not positive.any() and not distilling:
-                self.report.no_positive += 1
-                continue
-            negatives = rows["_row"].to_numpy()[~positive]
-            if (len(rows) < 2) if distilling else (len(negatives) == 0):
-                self.report.no_negative += 1
-                continue
-            if (len(rows) if distilling else len(negatives) + 1) < self.group_size:
-                self.report.short_groups += 1
-            queries.append(_Query(
-                qid=qid,
-                query=str(rows["query"].iloc[0]),
-                positives=rows["_row"].to_numpy()[positive],
-                positive_labels=rows["_label"].to_numpy()[positive].astype(np.float32),
-                negatives=negatives,
-            ))
-        self.report.used = len(queries)
-        if not queries:
-            raise ValueError(
-                f"No usable training query ({self.report}): each needs a judged-relevant document and another "
-                f"candidate (or, when distilling, two candidates). "
-                f"Check that train and train_qrels share qids and docnos, or retrieve deeper candidates."
-            )
-        return queries
-
-    def _drop_unusable_rows(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """Leaves out repeated (qid, docno) rows and candidates with empty text, with a warning."""
-        duplicated = frame.duplicated(["qid", "docno"], keep="first")
-        if duplicated.any():
-            example = frame.loc[duplicated, ["qid", "docno"]].iloc[0].tolist()
-            self.report.duplicates = int(duplicated.sum())
-            warnings.warn(
-                f"{self.report.duplicates} training candidates repeat a (qid, docno) pair, e.g. {tuple(example)}: "
-                f"the first of each (in first-stage order) is kept. Drop duplicates before fit to silence this "
-                f"(frame.drop_duplicates(['qid', 'docno'])).", stacklevel=4)
-            frame = frame[~duplicated]
+    def _rows_with_text(self) -> np.ndarray:
+        """Rows whose text is not empty (every row when texts come on demand); warns of the others."""
+        texts = self.candidates.texts
+        if texts is None:
+            return np.ones(len(self.candidates), dtype=bool)
         # one string at a time: a fixed-width copy of all texts would cost rows x the longest text
-        texts = self._texts[frame["_row"].to_numpy()]
         empty = np.fromiter((not t or t.isspace() for t in texts), dtype=bool, count=len(texts))
         if empty.any():
             self.report.empty_texts = int(empty.sum())
-            example = frame.loc[empty, ["qid", "docno"]].iloc[0].tolist()
+            at = int(np.flatnonzero(empty)[0])
+            example = (self.candidates.qids[self.candidates.qid_codes[at]], self._docno_strings[
+                self.candidates.docno_codes[at]])
             warnings.warn(
                 f"{self.report.empty_texts} training candidates have an empty `{self.text_field}`, e.g. "
-                f"{tuple(example)}: they are left out of training. Check the text loader.", stacklevel=4)
-            frame = frame[~empty]
-        return frame
+                f"{example}: they are left out of training. Check the text loader.", stacklevel=3)
+        return ~empty
+
+    def _row_labels(self, qrels: Optional[pd.DataFrame]) -> np.ndarray:
+        """Each row's judged label (0 when unjudged); counts the judgements that cannot be used."""
+        c = self.candidates
+        labels = np.zeros(len(c), dtype=np.float32)
+        present = np.bincount(c.qid_codes[self._usable], minlength=len(c.qids)) > 0
+        self._relevant_judged = np.zeros(len(c.qids), dtype=np.int64)
+        if qrels is None or len(qrels) == 0:
+            return labels
+        judged = pd.DataFrame({"qid": as_strings(qrels["qid"]), "docno": as_strings(qrels["docno"]),
+                               "label": qrels["label"].to_numpy(dtype=np.float64)})
+        judged = judged.drop_duplicates(["qid", "docno"], keep="last")
+        query = pd.Index(c.qids).get_indexer(judged["qid"].to_numpy(dtype=object))
+        known = query >= 0
+        known[known] = present[query[known]]
+        self.report.qrels_for_unknown_queries = int(judged.loc[~known, "qid"].nunique())
+        relevant = known & (judged["label"].to_numpy() > 0)
+        self._relevant_judged = np.bincount(query[relevant], minlength=len(c.qids))
+        aligned = c.align(judged["qid"], judged["docno"], judged["label"].to_numpy())
+        return np.nan_to_num(aligned, nan=0.0).astype(np.float32)
+
+    def _usable_queries(self) -> np.ndarray:
+        """The query codes that make a group, counting the others by why they do not."""
+        c, report = self.candidates, self.report
+        distilling = self._teacher is not None
+        codes = c.qid_codes[self._usable]
+        rows = np.bincount(codes, minlength=len(c.qids))
+        positives = np.bincount(codes[self._labels[self._usable] > 0], minlength=len(c.qids))
+        present = rows > 0
+        report.queries = int(present.sum())
+        report.positives_not_in_candidates = int((self._relevant_judged - positives)[present].sum())
+        empty_query = present & np.fromiter((not str(q).strip() for q in c.queries), dtype=bool, count=len(c.qids))
+        report.empty_query = int(empty_query.sum())
+        left = present & ~empty_query
+        if not distilling:
+            report.no_positive = int((left & (positives == 0)).sum())
+            left &= positives > 0
+        lonely = (rows < 2) if distilling else (rows - positives == 0)
+        report.no_negative = int((left & lonely).sum())
+        left &= ~lonely
+        size = rows if distilling else rows - positives + 1
+        report.short_groups = int((left & (size < self.group_size)).sum())
+        report.used = int(left.sum())
+        if not report.used:
+            raise ValueError(
+                f"No usable training query ({report}): each needs a judged-relevant document and another "
+                f"candidate (or, when distilling, two candidates). "
+                f"Check that train and train_qrels share qids and docnos, or retrieve deeper candidates."
+            )
+        return np.flatnonzero(left)
 
     def __len__(self) -> int:
         """Groups per epoch (one per usable query)."""
-        return len(self._queries)
+        return len(self._used)
 
     def epoch(self, epoch: int) -> List[Group]:
         """All groups of ``epoch``, in a seeded order; the same for the same (seed, epoch)."""
+        return list(self.iter_epoch(epoch))
+
+    def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[Group]:
+        """The groups of ``epoch`` from its ``start``-th on, made one at a time (as :meth:`epoch`)."""
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self._queries))
-        return [self._group(self._queries[i], rng) for i in order]
+        order = rng.permutation(len(self._used))
+        for position, i in enumerate(order):
+            rows, targets = self._draw(int(self._used[i]), rng)
+            if position >= start:
+                yield self._group(int(self._used[i]), rows, targets)
 
-    def _group(self, q: _Query, rng: np.random.Generator) -> Group:
+    def with_texts(self, groups: List[Group]) -> List[Group]:
+        """``groups`` with their texts, fetched in one call to the text source where missing."""
+        missing = [g for g in groups if g.texts is None]
+        if missing:
+            assert self.text_source is not None
+            texts = self.text_source.texts([d for g in missing for d in g.docnos])
+            at = 0
+            for g in missing:
+                g.texts, at = texts[at:at + len(g.docnos)], at + len(g.docnos)
+        return groups
+
+    def _group(self, query: int, rows: np.ndarray, targets: List[float]) -> Group:
+        c = self.candidates
+        texts = None if c.texts is None else c.texts[rows].tolist()
+        return Group(str(c.qids[query]), str(c.queries[query]), self._docno_strings[c.docno_codes[rows]].tolist(),
+                     texts, targets)
+
+    def _draw(self, query: int, rng: np.random.Generator) -> Tuple[np.ndarray, List[float]]:
+        """The rows and targets of one query's group."""
+        rows = np.arange(self._bounds[query], self._bounds[query + 1])
+        rows = rows[self._usable[rows]]
+        relevant = self._labels[rows] > 0
+        positives, negatives = rows[relevant], rows[~relevant]
         if self._teacher is not None:
-            return self._distillation_group(q, rng)
-        pick = rng.integers(len(q.positives))
-        k = min(self.group_size - 1, len(q.negatives))
+            return self._distillation_draw(positives, negatives, rng)
+        pick = rng.integers(len(positives))
+        k = min(self.group_size - 1, len(negatives))
         if self.negatives == "top":
-            negatives = q.negatives[:k]
+            chosen = negatives[:k]
         else:
-            negatives = q.negatives[rng.choice(len(q.negatives), size=k, replace=False)]
-        rows = np.concatenate([[q.positives[pick]], negatives])
-        targets = [float(q.positive_labels[pick])] + [0.0] * k
-        return Group(q.qid, q.query, self._docnos[rows].tolist(), self._texts[rows].tolist(), targets)
+            chosen = negatives[rng.choice(len(negatives), size=k, replace=False)]
+        return np.concatenate([[positives[pick]], chosen]), [float(self._labels[positives[pick]])] + [0.0] * k
 
-    def _distillation_group(self, q: _Query, rng: np.random.Generator) -> Group:
+    def _distillation_draw(self, positives: np.ndarray, negatives: np.ndarray,
+                           rng: np.random.Generator) -> Tuple[np.ndarray, List[float]]:
         teacher = self._teacher
         assert teacher is not None  # only called when distilling
-        everything = np.concatenate([q.positives, q.negatives])
+        everything = np.concatenate([positives, negatives])
         if self.negatives == "top":
             rows = everything[np.argsort(-teacher[everything], kind="stable")[: self.group_size]]
-        elif len(q.positives):
-            first = q.positives[rng.integers(len(q.positives))]
+        elif len(positives):
+            first = positives[rng.integers(len(positives))]
             others = everything[everything != first]
             k = min(self.group_size - 1, len(others))
             rows = np.concatenate([[first], others[rng.choice(len(others), size=k, replace=False)]])
         else:
             rows = everything[rng.choice(len(everything), size=min(self.group_size, len(everything)), replace=False)]
-        return Group(q.qid, q.query, self._docnos[rows].tolist(), self._texts[rows].tolist(),
-                     teacher[rows].astype(float).tolist())
+        return rows, teacher[rows].astype(float).tolist()

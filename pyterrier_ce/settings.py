@@ -69,6 +69,10 @@ class TrainingSettings:
             (frame or TREC file, scores or ranks), a list of those, or a ``teachers.Ensemble``.
         teacher_cache: Folder caching a pipeline teacher's scores (default
             ``$PYTERRIER_CE_CACHE/teachers``, else ``~/.cache/pyterrier-ce/teachers``); ``False``: none.
+        text_source: Where the texts of candidates given without text come from: a docstore
+            (ir_datasets ``docs_store()``), an ir_datasets or ``irds:`` dataset, or a transformer
+            adding the text (``dataset.text_loader()``). Only the texts of the next steps' groups
+            are fetched, in a background thread, so the candidates can be a 50M-row run.
     """
 
     objective: Union[str, nn.Module] = "infonce"
@@ -101,6 +105,7 @@ class TrainingSettings:
     log_file: Optional[str] = None
     teacher: Any = None
     teacher_cache: Any = None
+    text_source: Any = None
 
     @classmethod
     def names(cls) -> list[str]:

@@ -17,9 +17,13 @@ import pyterrier as pt
 from pyterrier_caching import ScorerCache
 
 from .atomic import write_file
+from .candidates import Candidates, trec_chunks
 from .identity import digest, identity_of
+from .texts import TextSource
 
 NORMALISATIONS = ("zscore", "minmax", None)
+# Rows of candidates a pipeline teacher scores per call (whole queries; texts fetched per call).
+TEACHER_CHUNK_ROWS = 100_000
 
 
 class Teacher:
@@ -29,6 +33,24 @@ class Teacher:
 
     def scores(self, candidates: pd.DataFrame) -> np.ndarray:
         raise NotImplementedError
+
+    def scores_of(self, candidates: Candidates, text_source: Optional[TextSource] = None,
+                  text_field: str = "text") -> np.ndarray:
+        """Scores of compactly held candidates (aligned with their rows), given to :meth:`scores`
+        as frames of about ``TEACHER_CHUNK_ROWS`` rows, whole queries each, texts added."""
+        bounds = candidates.query_bounds()
+        out = np.empty(len(candidates))
+        first_query = 0
+        while first_query < len(candidates.qids):
+            last_query = int(np.searchsorted(bounds, bounds[first_query] + TEACHER_CHUNK_ROWS, side="right")) - 1
+            last_query = max(last_query, first_query + 1)
+            rows = np.arange(bounds[first_query], bounds[last_query])
+            texts = None
+            if candidates.texts is None and text_source is not None:
+                texts = text_source.texts(candidates.docno_strings(rows))
+            out[rows] = self.scores(candidates.frame(rows, texts, text_field))
+            first_query = last_query
+        return out
 
     def __repr__(self) -> str:
         return self.name
@@ -159,23 +181,81 @@ class RunTeacher(Teacher):
     """
 
     def __init__(self, run: Union[pd.DataFrame, str, os.PathLike], *, use_ranks: bool = False):
+        self.use_ranks = use_ranks
+        self.path: Optional[Path] = None
         if isinstance(run, (str, os.PathLike)):
             self.name = f"RunTeacher({os.fspath(run)!r})"
-            run = pt.io.read_results(os.fspath(run))
+            self.path = Path(run)
+            if not self.path.exists():
+                raise FileNotFoundError(f"No teacher run file at {self.path}.")
+            self._run: Optional[pd.DataFrame] = None  # read when needed: a run file may hold 50M rows
         else:
             self.name = f"RunTeacher(<frame of {len(run)} rows>)"
+            self._run = self._scored(run)
+
+    def _scored(self, run: pd.DataFrame) -> pd.DataFrame:
         missing = {"qid", "docno"} - set(run.columns)
         if missing:
             raise ValueError(f"A teacher run needs qid and docno columns; missing {sorted(missing)}.")
-        if use_ranks or "score" not in run.columns:
+        if self.use_ranks or "score" not in run.columns:
             if "rank" not in run.columns:
                 raise ValueError("A teacher run needs a score or a rank column.")
             depth = run.groupby("qid")["rank"].transform("size")
             run = run.assign(score=(depth - run["rank"]).astype(np.float64))
-        self.run = run[["qid", "docno", "score"]]
+        return run[["qid", "docno", "score"]]
+
+    @property
+    def run(self) -> pd.DataFrame:
+        """The run as a frame (qid, docno, score); a file is read on first use."""
+        if self._run is None:
+            assert self.path is not None
+            self._run = self._scored(pt.io.read_results(os.fspath(self.path)))
+        return self._run
 
     def scores(self, candidates: pd.DataFrame) -> np.ndarray:
         return _align(candidates, self.run, self)
+
+    def scores_of(self, candidates: Candidates, text_source: Optional[TextSource] = None,
+                  text_field: str = "text") -> np.ndarray:
+        """Streams a run file in chunks, keeping only the scores of ``candidates``' pairs."""
+        if self.path is None or self.path.suffix in (".parquet", ".feather"):
+            run = self.run
+            values = candidates.align(run["qid"], run["docno"], run["score"].to_numpy())
+        elif self.use_ranks:
+            values = self._rank_scores(candidates)
+        else:
+            values = candidates.align_chunks(
+                (c["qid"], c["docno"], c["score"].to_numpy()) for c in trec_chunks(self.path))
+        return _checked_alignment(values, candidates, self)
+
+    def _rank_scores(self, candidates: Candidates) -> np.ndarray:
+        """``depth - rank`` per row, depth being each query's list length in the whole file."""
+        query_index = pd.Index(candidates.qids)
+        depth = np.zeros(len(candidates.qids), dtype=np.int64)
+        ranks = []
+        for chunk in trec_chunks(self.path):
+            q = query_index.get_indexer(np.asarray(chunk["qid"], dtype=object))
+            depth += np.bincount(q[q >= 0], minlength=len(depth))
+            ranks.append(chunk[q >= 0])
+        ranked = pd.concat(ranks, ignore_index=True)  # reading twice would be slower than holding ranks
+        values = candidates.align(ranked["qid"], ranked["docno"], ranked["rank"].to_numpy(dtype=np.float64))
+        return depth[candidates.qid_codes] - values
+
+
+def _checked_alignment(values: np.ndarray, candidates: Candidates, teacher: Teacher) -> np.ndarray:
+    missing = np.isnan(values)
+    if missing.any():
+        rows = np.flatnonzero(missing)[:3]
+        sample = [f"{q}/{d}" for q, d in zip(candidates.qids[candidates.qid_codes[rows]],
+                                             candidates.docno_strings(rows))]
+        raise ValueError(
+            f"Teacher {teacher!r} has no score for {int(missing.sum())} of {len(values)} training candidates "
+            f"(qid/docno e.g. {sample}): give a teacher run that covers the candidates, or train on the teacher's "
+            f"candidates.")
+    if not np.isfinite(values).all():
+        raise ValueError(f"Teacher {teacher!r} gave {int((~np.isfinite(values)).sum())} infinite scores; refusing "
+                         f"to train on them.")
+    return values
 
 
 class Ensemble(Teacher):
@@ -207,6 +287,14 @@ class Ensemble(Teacher):
         qids = candidates["qid"].astype(str).to_numpy()
         columns = [self._normalised(t.scores(candidates), qids) for t in self.teachers]
         return np.average(np.stack(columns), axis=0, weights=self.weights)
+
+    def scores_of(self, candidates: Candidates, text_source: Optional[TextSource] = None,
+                  text_field: str = "text") -> np.ndarray:
+        total = np.zeros(len(candidates))
+        for teacher, weight in zip(self.teachers, self.weights):  # one teacher's column at a time
+            total += weight * self._normalised(teacher.scores_of(candidates, text_source, text_field),
+                                               candidates.qid_codes)
+        return total / self.weights.sum()
 
     def _normalised(self, scores: np.ndarray, qids: np.ndarray) -> np.ndarray:
         if self.normalize is None:

@@ -23,7 +23,7 @@ from ..cls_only import cls_only_last_layer
 from ..history import TrainingLog
 from ..memory import keep_freed_memory
 from ..sampling import GroupSampler
-from .batches import data_digest, steps_from
+from .batches import data_digest, prefetched, steps_from
 from .checkpoints import Checkpointer
 from .optimiser import build_optimiser, training_mode
 from .plan import TrainingPlan
@@ -104,7 +104,7 @@ def _run_steps(model, accelerator: Accelerator, optimizer, scheduler, tokenizer,
         checkpoints.save(model, optimizer, scheduler, {"step": step, **counters})
 
     started = time.perf_counter()
-    for epoch, groups in steps_from(sampler, plan, step):
+    for epoch, groups in prefetched(steps_from(sampler, plan, step)):
         loss = steps.forward_backward(groups, step)
         if plan.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), plan.max_grad_norm)
