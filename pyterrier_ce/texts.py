@@ -68,7 +68,7 @@ class TransformerTexts(TextSource):
 
     def texts(self, docnos: Sequence[str]) -> List[str]:
         unique = list(dict.fromkeys(docnos))
-        out = self.transformer(pd.DataFrame({"qid": ["0"] * len(unique), "docno": unique}))
+        out: pd.DataFrame = self.transformer.transform(pd.DataFrame({"qid": ["0"] * len(unique), "docno": unique}))
         if self.text_field not in out.columns:
             raise ValueError(f"The text source {self!r} added no `{self.text_field}` column (it gave "
                              f"{list(out.columns)}).")
