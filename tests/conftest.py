@@ -6,10 +6,15 @@ import json
 import os
 from pathlib import Path
 
+import ir_datasets
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 import transformers
+from ir_datasets.datasets.base import Dataset
+from ir_datasets.formats import TrecQrels, TrecScoredDocs, TsvDocs, TsvQueries
+from ir_datasets.util import LocalDownload
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PYTERRIER_CE_DATA", REPO.parent / "shared" / "data"))
@@ -155,3 +160,42 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"no shared data at {SHARED_DATA} (set PYTERRIER_CE_DATA)")
     return SHARED_DATA
+
+
+TOY = "pyterrier-ce-toy"
+
+
+@pytest.fixture(scope="session")
+def toy_irds(tmp_path_factory) -> str:
+    """``pyterrier-ce-toy`` (docs) with ``/train`` and ``/test`` (queries, qrels; train has scoreddocs)."""
+    if TOY in ir_datasets.registry:
+        return TOY
+    folder = tmp_path_factory.mktemp("irds")
+    rng = np.random.default_rng(0)
+    docs, queries, qrels, run = [], {"train": [], "test": []}, {"train": [], "test": []}, []
+    for q in range(30):
+        split = "train" if q < 20 else "test"
+        word = WORDS[-(q + 1)]  # content words (the first are stopwords BM25 does not index)
+        others = [w for w in WORDS if w != word]
+        queries[split].append(f"{q}\t{word}")
+        for k in range(5):
+            text = " ".join(rng.choice(others, 5)) + (f" {word}" if k == 1 else "")
+            docs.append(f"d{q}-{k}\t{text}")
+            if split == "train":
+                run.append(f"{q} Q0 d{q}-{k} {k + 1} {5 - k} toy")
+        qrels[split].append(f"{q} 0 d{q}-1 1")
+    (folder / "docs.tsv").write_text("\n".join(docs) + "\n")
+    for split in ("train", "test"):
+        (folder / f"{split}.queries.tsv").write_text("\n".join(queries[split]) + "\n")
+        (folder / f"{split}.qrels").write_text("\n".join(qrels[split]) + "\n")
+    (folder / "train.run").write_text("\n".join(run) + "\n")
+    collection = TsvDocs(LocalDownload(folder / "docs.tsv"))
+    levels = {0: "not relevant", 1: "relevant"}
+    ir_datasets.registry.register(TOY, Dataset(collection))
+    ir_datasets.registry.register(f"{TOY}/train", Dataset(
+        collection, TsvQueries(LocalDownload(folder / "train.queries.tsv")),
+        TrecQrels(LocalDownload(folder / "train.qrels"), levels), TrecScoredDocs(LocalDownload(folder / "train.run"))))
+    ir_datasets.registry.register(f"{TOY}/test", Dataset(
+        collection, TsvQueries(LocalDownload(folder / "test.queries.tsv")),
+        TrecQrels(LocalDownload(folder / "test.qrels"), levels)))
+    return TOY

@@ -55,15 +55,16 @@ def test_demo_writes_one_table_per_dataset(tiny_model_dir, tmp_path, capsys):
     assert (tmp_path / "out" / "model" / "model.safetensors").exists()
 
 
-def _cli(args, env=None):
+def _cli(args, env=None, cwd=None, unset=()):
     import os
     import subprocess
     import sys
 
     from conftest import REPO
 
-    return subprocess.run([sys.executable, "-m", "pyterrier_ce", *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=120)
+    return subprocess.run([sys.executable, "-m", "pyterrier_ce", *args], cwd=cwd or REPO, capture_output=True,
+                          text=True, timeout=300, env={**{k: v for k, v in os.environ.items() if k not in unset},
+                                                       **(env or {}), "PYTHONPATH": str(REPO)})
 
 
 def test_the_command_line_reports_bad_input_in_one_line(tmp_path):
@@ -84,3 +85,26 @@ def test_the_demo_runs_each_first_stage_once(tiny_model_dir, tmp_path, recwarn):
     main(["demo", "--data", str(data), "--model", str(tiny_model_dir), "--workdir", str(tmp_path / "work"),
           "--train-queries", "8", "--test-queries", "4", "--max-length", "64"])
     assert not [w for w in recwarn if "shared pipeline components" in str(w.message)]
+
+
+def test_the_demo_trains_and_tests_on_an_ir_datasets_collection(toy_irds, tiny_model_dir, tmp_path, capsys):
+    main(["demo", "--data", f"irds:{toy_irds}", "--model", str(tiny_model_dir), "--workdir", str(tmp_path / "work"),
+          "--save", str(tmp_path / "out"), "--train-queries", "20", "--test-queries", "10", "--max-length", "64"])
+    printed = capsys.readouterr().out
+    assert "20 of 20 training queries used" in printed and f"{toy_irds}:" in printed
+    table = pd.read_csv(tmp_path / "out" / f"{toy_irds}.csv")
+    assert table["name"].tolist() == ["BM25 top-20", "BM25 top-20 >> CrossEncoder"]
+    assert not (tmp_path / "out" / "trec_dl_2019.csv").exists()
+
+
+def test_a_new_user_without_the_data_folder_gets_ir_datasets_and_one_line(tmp_path):
+    # no ./shared/data or ../shared/data from here, no $PYTERRIER_CE_DATA: the default collection is
+    # fetched from ir_datasets; offline that fails in one line saying what to pass instead
+    cwd = tmp_path / "a" / "b"
+    cwd.mkdir(parents=True)
+    done = _cli(["demo", "--model", str(tmp_path / "no-model"), "--workdir", str(tmp_path / "work")],
+                env={"IR_DATASETS_HOME": str(tmp_path / "irds")}, cwd=cwd, unset=("PYTERRIER_CE_DATA",))
+    assert "using irds:beir/scifact" in done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and "Traceback" not in done.stderr
+    assert "pass --data DIR" in lines[0] or "no-model" in lines[0]  # offline: how to get data; online: the model
