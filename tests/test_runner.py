@@ -272,3 +272,21 @@ def test_distillation_configs_parse(data_dir, tmp_path, monkeypatch):
     assert systems["distillation-L3"] == ["BM25", "teacher", "L3-infonce-s42", "L3-margin_mse-s42", "L3-kl-s42",
                                           "L3-distill_ranknet-s42", "L3-adr_mse-s42"]
     assert systems["distillation-vs-bce"][2:] == ["L3-bce-s42", "L3-infonce-s42", "L3-margin_mse-s42"]
+
+
+def test_a_grid_over_an_ir_datasets_collection(toy_irds, tiny_model_dir, tmp_path):
+    dataset = f"irds:{toy_irds}"
+    config = {
+        "name": "irds-grid", "workdir": str(tmp_path / "work"),
+        "train": {"dataset": dataset, "split": "train", "first_stage": "candidates"},
+        "models": [{"name": "tiny", "backbone": str(tiny_model_dir)}], "objectives": ["infonce"], "seeds": [1],
+        "settings": {"max_length": 32, "batch_size": 8, "group_size": 2, "train_batch_size": 2, "max_steps": 2},
+        "evaluate": [{"name": "toy-test", "dataset": dataset, "split": "test", "first_stage": {"bm25": 5}}],
+        "measures": ["nDCG@10"], "baseline": "BM25",
+    }
+    results = run_config(config)
+    table = pd.read_csv(tmp_path / "work" / "results.csv")
+    assert sorted(table["name"]) == ["BM25", "tiny-infonce-s1"] and set(table["dataset"]) == {"toy-test"}
+    assert results is not None
+    with pytest.raises(ConfigError, match="has no split 'dev'"):
+        load_config({**config, "evaluate": [{"dataset": dataset, "split": "dev", "first_stage": {"bm25": 5}}]})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import pandas as pd
 import pyterrier as pt
@@ -14,6 +14,7 @@ from .. import processes
 from ..atomic import write_file
 from ..data import BeirDataset
 from ..first_stage import bm25_pipeline, quiet_native_output
+from ..irds import IRDS_PREFIX, IrdsDataset
 from .specs import Config, ConfigError, DataSpec
 
 
@@ -33,18 +34,21 @@ class Candidates:
 
     def __init__(self, config: Config, state, log: Callable[[str], None]):
         self.cfg, self.state, self.log = config, state, log
-        self._datasets: Dict[str, BeirDataset] = {}
+        self._datasets: Dict[str, Union[BeirDataset, IrdsDataset]] = {}
         self._built: Dict[str, Tuple[pd.DataFrame, pd.DataFrame]] = {}
         self._held_out: Optional[Dict[str, set]] = None
 
-    def dataset(self, name: str) -> BeirDataset:
+    def dataset(self, name: str) -> Union[BeirDataset, IrdsDataset]:
+        """A folder of ``data``, or an ``irds:`` collection."""
         if name not in self._datasets:
-            self._datasets[name] = BeirDataset(self.cfg.data / name)
+            irds = name.startswith(IRDS_PREFIX)
+            self._datasets[name] = IrdsDataset(name) if irds else BeirDataset(self.cfg.data / name)
         return self._datasets[name]
 
     def __call__(self, spec: DataSpec) -> Tuple[pd.DataFrame, pd.DataFrame]:
         """(topics, candidates with text) of ``spec``, built once and cached in ``workdir/candidates``."""
-        path = self.cfg.workdir / "candidates" / f"{spec.dataset}-{spec.split}-{digest(spec.key())}.pkl"
+        safe = f"{spec.dataset}-{spec.split}".replace(IRDS_PREFIX, "").replace("/", "--")
+        path = self.cfg.workdir / "candidates" / f"{safe}-{digest(spec.key())}.pkl"
         if path.name in self._built:
             return self._built[path.name]
         # under accelerate launch the main process builds (and indexes) first; the others read its cache

@@ -13,6 +13,7 @@ import yaml
 
 from .. import objectives as registry
 from ..data import BeirDataset, default_data_dir
+from ..irds import IRDS_PREFIX, IrdsDataset
 from ..settings import TrainingSettings
 from .specs import (
     CONSTRUCTOR_SETTINGS,
@@ -75,6 +76,14 @@ def _data_spec(section: Any, where: str, keys, data: Path) -> DataSpec:
                              else _positive_int(section["queries"], f"{where} queries")),
                     seed=int(section.get("seed", 42)), measures=section.get("measures"),
                     positives_only=bool(section.get("positives_only", False)))
+    if dataset.startswith(IRDS_PREFIX):  # ir_datasets: the collection must be known, its split one of its own
+        try:
+            splits = IrdsDataset(dataset).splits()
+        except ValueError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        if split not in splits:
+            raise ConfigError(f"{where}: {dataset} has no split {split!r} with queries and qrels; it has {splits}.")
+        return spec
     folder = data / dataset
     if not folder.is_dir():
         found = sorted(p.name for p in data.iterdir() if p.is_dir()) if data.is_dir() else []
@@ -87,6 +96,12 @@ def _data_spec(section: Any, where: str, keys, data: Path) -> DataSpec:
     if spec.first_stage[0] == "candidates" and not (folder / "candidates" / f"{split}.run").exists():
         raise ConfigError(f"{where}: {dataset} has no candidates/{split}.run; use first_stage: {{bm25: DEPTH}}.")
     return spec
+
+
+def _data_sections(raw: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The config's dataset sections (train and evaluate) that are mappings."""
+    sections = [raw.get("train"), *(raw.get("evaluate") or [])]
+    return [s for s in sections if isinstance(s, dict)]
 
 
 def _measures(names: Any, where: str) -> List[str]:
@@ -165,8 +180,10 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Option
         try:
             data = default_data_dir()
         except FileNotFoundError:
-            raise ConfigError("No data folder: set `data:` in the config, pass --data DIR or set "
-                              "PYTERRIER_CE_DATA.") from None
+            if not all(str(spec.get("dataset", "")).startswith(IRDS_PREFIX) for spec in _data_sections(raw)):
+                raise ConfigError("No data folder: set `data:` in the config, pass --data DIR or set "
+                                  "PYTERRIER_CE_DATA (or name only irds: datasets).") from None
+            data = Path(".")  # every dataset comes from ir_datasets
     data = Path(data if data is not None else raw["data"])
     workdir = Path(workdir if workdir is not None else raw.get("workdir") or Path("runs") / name)
 
