@@ -1,16 +1,18 @@
-"""First stages: PISA BM25 over a dataset's corpus, indexed once, with the text the reranker reads."""
+"""First stages: PISA BM25 over a dataset's corpus, indexed once, with the text the reranker reads;
+any first stage run over many topics in batches, its results kept on disk and resumable."""
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import Any, Callable, List
 
 import pandas as pd
 import pyterrier as pt
 from pyterrier_pisa import PisaIndex
 
-from .data import BeirDataset
+from .atomic import write_file
 
 
 @contextlib.contextmanager
@@ -31,12 +33,45 @@ def quiet_native_output():
             os.close(saved[1])
 
 
-def bm25_pipeline(data: BeirDataset, workdir: Path, depth: int) -> pt.Transformer:
-    """PISA BM25 over the dataset's corpus (indexed once into ``workdir``) with a text loader."""
+def bm25_pipeline(data: Any, workdir: Path, depth: int, *, text: bool = True) -> pt.Transformer:
+    """PISA BM25 over the dataset's corpus (indexed once into ``workdir``), with a text loader
+    unless ``text=False``. ``data``: a :class:`BeirDataset` or an ``IrdsDataset``."""
     index = PisaIndex(str(workdir / f"{data.name}.pisa"), text_field="text")
     with quiet_native_output():
         if not index.built():
             index.index(data.get_corpus_iter())
         retriever = index.bm25(num_results=depth)
         retriever(pd.DataFrame({"qid": ["warm"], "query": ["warm up"]}))  # writes PISA's scorer files now
-    return retriever >> data.text_loader("text")
+    return retriever >> data.text_loader("text") if text else retriever
+
+
+RUN_COLUMNS = ["qid", "docno", "rank", "score"]
+
+
+def retrieve_in_batches(pipeline: pt.Transformer, topics: pd.DataFrame, folder: Path, *, batch_size: int,
+                        log: Callable[[str], None] = lambda message: None) -> List[Path]:
+    """Runs ``pipeline`` on ``batch_size`` topics at a time, each batch's results (qid, docno,
+    rank, score; no text) written to ``folder/parts/NNNNN.parquet`` as it finishes, atomically.
+
+    A batch whose file exists is not run again, so a crash costs at most one batch: calling again
+    with the same topics resumes. Returns the part files in topic order.
+    """
+    parts = folder / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    files = []
+    batches = range(0, len(topics), batch_size)
+    for number, start in enumerate(batches):
+        path = parts / f"{number:05d}.parquet"
+        files.append(path)
+        if path.exists():
+            continue
+        with quiet_native_output():
+            results = pipeline(topics.iloc[start:start + batch_size])
+        results = results.assign(qid=results["qid"].astype(str), docno=results["docno"].astype(str))
+        if "rank" not in results.columns:
+            results = pt.model.add_ranks(results)
+        write_file(path, lambda tmp, r=results: r[RUN_COLUMNS].to_parquet(tmp, index=False))
+        if len(batches) > 1:
+            log(f"first stage: batch {number + 1} of {len(batches)} done ({min(start + batch_size, len(topics))} "
+                f"topics)")
+    return files

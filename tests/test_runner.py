@@ -138,7 +138,7 @@ def _broken(config: dict, change) -> dict:
     (lambda c: c["train"].update(dataset="squad"), "no dataset folder"),
     (lambda c: c["evaluate"][0].update(split="dev"), "toy has no split 'dev'"),
     (lambda c: c["train"].update(first_stage="candidates"), "no candidates/train.run"),
-    (lambda c: c["train"].update(first_stage={"bm26": 5}), "first_stage: {bm25: DEPTH}"),
+    (lambda c: c["train"].update(first_stage={"bm26": 5}), "`first_stage:` {bm25: DEPTH}"),
     (lambda c: c.update(objectives=["infonce", "listmle"]), "unknown objective 'listmle'; available: adr_mse"),
     (lambda c: c.update(objectives=["kl"]), "distil a teacher's scores: add `teacher:"),
     (lambda c: c.update(measures=["nDCG@ten"]), "not an ir_measures name"),

@@ -6,7 +6,7 @@ import importlib
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import ir_measures
 import yaml
@@ -18,6 +18,7 @@ from ..settings import TrainingSettings
 from .specs import (
     CONSTRUCTOR_SETTINGS,
     EVAL_KEYS,
+    FIRST_STAGES,
     MODEL_KEYS,
     OBJECTIVE_KEYS,
     PACKAGED_MODELS,
@@ -28,6 +29,7 @@ from .specs import (
     Config,
     ConfigError,
     DataSpec,
+    FirstStage,
     ModelSpec,
     ObjectiveSpec,
 )
@@ -53,15 +55,57 @@ def _positive_int(value: Any, what: str) -> int:
     return value
 
 
-def _first_stage(value: Any, where: str) -> Tuple[str, Optional[int]]:
-    usage = "`first_stage: {bm25: DEPTH}` (PISA BM25) or `first_stage: candidates` (the dataset's candidates/ run)"
+FIRST_STAGE_USAGE = ("`first_stage:` {bm25: DEPTH} (PISA BM25), candidates or {candidates: DEPTH} (the dataset's "
+                     "run or scoreddocs), {run: FILE, depth: DEPTH} (a TREC run), or {factory: 'module:function', "
+                     "args: {...}, depth: DEPTH, batch_size: TOPICS} (any PyTerrier pipeline)")
+
+
+def _first_stage(value: Any, where: str, data: Path) -> FirstStage:
     if value == "candidates":
-        return ("candidates", None)
-    if isinstance(value, dict) and len(value) == 1:
-        (kind, depth), = value.items()
-        if kind in ("bm25", "candidates"):
-            return (kind, _positive_int(depth, f"{where} first_stage depth"))
-    raise ConfigError(f"{where} has first_stage={value!r}; use {usage}.")
+        return FirstStage("candidates")
+    kinds = [k for k in FIRST_STAGES if isinstance(value, dict) and k in value]
+    if len(kinds) != 1:
+        raise ConfigError(f"{where} has first_stage={value!r}; use {FIRST_STAGE_USAGE}.")
+    kind = kinds[0]
+    _check_keys(value, (kind, "depth", "args", "batch_size"), f"{where} first_stage")
+    if kind in ("bm25", "candidates"):
+        if set(value) - {kind}:
+            raise ConfigError(f"{where} first_stage {kind} takes only a depth: {{{kind}: DEPTH}}.")
+        return FirstStage(kind, _positive_int(value[kind], f"{where} first_stage depth"))
+    depth = None if value.get("depth") is None else _positive_int(value["depth"], f"{where} first_stage depth")
+    batch = _positive_int(value.get("batch_size", 10_000), f"{where} first_stage batch_size")
+    if kind == "run":
+        path = _data_path(value["run"], data)
+        if not path.is_file():
+            raise ConfigError(f"{where}: first_stage run {path} does not exist (relative paths are read from the "
+                              f"data folder {data}).")
+        return FirstStage("run", depth, str(path), batch_size=batch)
+    args = value.get("args") or {}
+    if not isinstance(args, dict):
+        raise ConfigError(f"{where}: first_stage args must be a mapping of the factory's keyword arguments.")
+    resolve_factory(str(value["factory"]), f"{where} first_stage")
+    return FirstStage("factory", depth, str(value["factory"]), args, batch)
+
+
+def _data_path(value: Any, data: Path) -> Path:
+    """A path of the config: absolute, or relative to the data folder (else to the current folder)."""
+    path = Path(str(value)).expanduser()
+    return path if path.is_absolute() or not (data / path).exists() else data / path
+
+
+def resolve_factory(source: str, where: str) -> Callable[..., Any]:
+    """``"module:function"`` imported (the function is called later, when its results are needed)."""
+    module_name, _, function = source.partition(":")
+    if not module_name or not function:
+        raise ConfigError(f"{where}: factory {source!r} must be 'module:function'.")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"{where}: cannot import {module_name} for factory {source!r} ({err}); install the package "
+                          f"that provides it.") from None
+    if not callable(getattr(module, function, None)):
+        raise ConfigError(f"{where}: {module_name} has no function {function!r} (factory {source!r}).")
+    return getattr(module, function)
 
 
 def _data_spec(section: Any, where: str, keys, data: Path) -> DataSpec:
@@ -69,9 +113,9 @@ def _data_spec(section: Any, where: str, keys, data: Path) -> DataSpec:
     dataset = str(_required(section, "dataset", where))
     split = str(_required(section, "split", where))
     if "first_stage" not in section:
-        raise ConfigError(f"{where} needs `first_stage`: {{bm25: DEPTH}} or candidates.")
+        raise ConfigError(f"{where} needs {FIRST_STAGE_USAGE}.")
     spec = DataSpec(name=str(section.get("name", dataset)), dataset=dataset, split=split,
-                    first_stage=_first_stage(section["first_stage"], where),
+                    first_stage=_first_stage(section["first_stage"], where, data),
                     queries=(None if section.get("queries") is None
                              else _positive_int(section["queries"], f"{where} queries")),
                     seed=int(section.get("seed", 42)), measures=section.get("measures"),
@@ -93,7 +137,7 @@ def _data_spec(section: Any, where: str, keys, data: Path) -> DataSpec:
     splits = BeirDataset(folder).splits()
     if split not in splits:
         raise ConfigError(f"{where}: {dataset} has no split {split!r} (qrels/{split}.tsv); it has {splits}.")
-    if spec.first_stage[0] == "candidates" and not (folder / "candidates" / f"{split}.run").exists():
+    if spec.first_stage.kind == "candidates" and not (folder / "candidates" / f"{split}.run").exists():
         raise ConfigError(f"{where}: {dataset} has no candidates/{split}.run; use first_stage: {{bm25: DEPTH}}.")
     return spec
 

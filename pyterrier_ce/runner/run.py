@@ -1,6 +1,6 @@
 """Running a config: candidates, training, reranking, evaluation, the report.
 
-Everything lands in ``workdir``: ``candidates/`` (first-stage results with text, built once),
+Everything lands in ``workdir``: ``candidates/`` (topics and first-stage results, built once),
 ``indexes/`` (PISA), ``models/<system>/`` (``save_pretrained`` folders), ``logs/<system>.jsonl``,
 ``checkpoints/<system>/`` (while training), ``teachers/`` (cached teacher scores),
 ``runs/<dataset>/<system>.res.gz``, ``specs/`` and ``results.csv`` / ``results.md``. A rerun
@@ -28,7 +28,7 @@ from ..logs import logger
 from ..model import CrossEncoder
 from ..tables import compact
 from ..teachers import RunTeacher, as_teacher
-from .candidates import Candidates
+from .candidates import CandidateSets
 from .config import load_config, resolve_backbone, split_settings
 from .report import markdown
 from .specs import Config, ConfigError, DataSpec, System
@@ -50,7 +50,7 @@ class Runner:
         self.main = processes.is_main()
         self._log = log
         self._started = time.perf_counter()
-        self.candidates = Candidates(config, self.state, self.log)
+        self.candidates = CandidateSets(config, self.state, self.log)
         self._teacher = None
         self.trained: List[str] = []  # systems trained by this call
 
@@ -70,7 +70,7 @@ class Runner:
         self.check_specs()
         # every process takes part here: building waits on barriers that all processes must reach
         for spec in [cfg.train, *cfg.evaluate]:
-            self.candidates(spec)
+            self.candidates.build(spec)
         self.state.wait_for_everyone()
         for name, count in self.candidates.held_out().items():
             self.log(f"{count} training queries are also in evaluation set {name}: left out of training")
@@ -150,6 +150,7 @@ class Runner:
     def train(self, system: System) -> CrossEncoder:
         """Trains a system (resuming its checkpoint when there is one) and saves it."""
         train = self.candidates.training()
+        text_source = self.candidates.text_source(self.cfg.train)
         qrels = self.candidates.dataset(self.cfg.train.dataset).get_qrels(self.cfg.train.split)
         constructor, training = split_settings(self.cfg.system_settings(system))
         checkpoints = self.path("checkpoints", system.name)
@@ -166,13 +167,14 @@ class Runner:
             teacher_cache = str(self.path("teachers"))
             if isinstance(teacher, CrossEncoder):
                 with self.state.main_process_first():  # one process scores, the others read the cache
-                    as_teacher(teacher, cache_dir=teacher_cache).scores(train)
+                    as_teacher(teacher, cache_dir=teacher_cache).scores_of(train, text_source)
             training["teacher_cache"] = teacher_cache
         self.log(f"training {system.name}" + (" (resuming)" if (checkpoints / "last").exists() else ""))
         ce = CrossEncoder(resolve_backbone(system.model.backbone), num_layers=system.model.num_layers,
                           layers=system.model.layers, **constructor)
         ce.fit(train, qrels, objective=system.objective.name, seed=system.seed, teacher=teacher,
-               log_file=str(log_file), checkpoint_dir=str(checkpoints), resume=True, **training)
+               log_file=str(log_file), checkpoint_dir=str(checkpoints), resume=True, text_source=text_source,
+               **training)
         ce.save_pretrained(self.path("models", system.name))  # atomic; the main process writes
         self.state.wait_for_everyone()
         if self.main:

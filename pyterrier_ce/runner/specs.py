@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 from .. import objectives
 
@@ -27,20 +27,56 @@ TEACHER_KEYS = {"model": ("model", "max_length", "batch_size", "precision", "eva
 CONSTRUCTOR_SETTINGS = ("batch_size", "max_length", "device", "precision", "verbose", "trust_remote_code")
 # Training settings the runner sets itself, per system.
 RESERVED_SETTINGS = ("objective", "seed", "teacher", "teacher_cache", "log_file", "checkpoint_dir", "resume",
-                     "first_stage")
+                     "first_stage", "text_source")
 
 
 # -- the config ---------------------------------------------------------------------------------
 
 
+FIRST_STAGES = ("bm25", "candidates", "run", "factory")
+
+
+@dataclass
+class FirstStage:
+    """Where a split's candidates come from.
+
+    ``bm25``: PISA BM25 over the dataset's corpus (index cached in the workdir); ``candidates``:
+    the dataset's own run (a BEIR folder's ``candidates/<split>.run``, ir_datasets' scoreddocs);
+    ``run``: a TREC run file (``source``); ``factory``: ``source`` = ``"module:function"``, called
+    with ``args``, returning any PyTerrier pipeline (SPLADE, a dense index, a Terrier index), run
+    on ``batch_size`` topics at a time. ``depth`` keeps each query's top ``depth``.
+    """
+
+    kind: str
+    depth: Optional[int] = None
+    source: Optional[str] = None
+    args: Dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 10_000
+
+    def key(self) -> List[Any]:
+        """What determines the candidates (``batch_size`` does not)."""
+        if self.kind in ("bm25", "candidates"):
+            return [self.kind, self.depth]
+        return [self.kind, self.depth, self.source, self.args]
+
+    def describe(self) -> str:
+        top = f" top-{self.depth}" if self.depth else ""
+        if self.kind == "bm25":
+            return f"BM25{top}"
+        if self.kind == "candidates":
+            return f"candidates{top}"
+        return f"{self.kind} {self.source}{top}"
+
+
 @dataclass
 class DataSpec:
-    """Topics of one split of a BEIR folder and their first-stage candidates."""
+    """Topics of one split of a dataset (a BEIR folder or an ``irds:`` collection) and their
+    first-stage candidates."""
 
     name: str
     dataset: str
     split: str
-    first_stage: Tuple[str, Optional[int]]  # ("bm25", depth) or ("candidates", depth or None)
+    first_stage: FirstStage
     queries: Optional[int] = None
     seed: int = 42
     measures: Optional[List[str]] = None
@@ -51,12 +87,11 @@ class DataSpec:
     def key(self) -> Dict[str, Any]:
         """What determines the candidates (the cache key and the stale-run check)."""
         key = {"dataset": self.dataset, "split": self.split, "queries": self.queries, "seed": self.seed,
-               "first_stage": list(self.first_stage)}
+               "first_stage": self.first_stage.key()}
         return {**key, "positives_only": True} if self.positives_only else key
 
     def describe(self) -> str:
-        kind, depth = self.first_stage
-        stage = f"BM25 top-{depth}" if kind == "bm25" else ("candidates" + (f" top-{depth}" if depth else ""))
+        stage = self.first_stage.describe()
         sample = f", {self.queries} queries" if self.queries else ""
         positives = " (queries with a judged-relevant candidate)" if self.positives_only else ""
         return f"{self.dataset} {self.split}{sample}, {stage}{positives}"
