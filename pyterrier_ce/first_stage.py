@@ -6,7 +6,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 import pandas as pd
 import pyterrier as pt
@@ -49,9 +49,10 @@ RUN_COLUMNS = ["qid", "docno", "rank", "score"]
 
 
 def retrieve_in_batches(pipeline: pt.Transformer, topics: pd.DataFrame, folder: Path, *, batch_size: int,
-                        log: Callable[[str], None] = lambda message: None) -> List[Path]:
+                        depth: Optional[int] = None, log: Callable[[str], None] = lambda message: None) -> List[Path]:
     """Runs ``pipeline`` on ``batch_size`` topics at a time, each batch's results (qid, docno,
-    rank, score; no text) written to ``folder/parts/NNNNN.parquet`` as it finishes, atomically.
+    rank, score; no text; each query's top ``depth`` when given) written to
+    ``folder/parts/NNNNN.parquet`` as it finishes, atomically.
 
     A batch whose file exists is not run again, so a crash costs at most one batch: calling again
     with the same topics resumes. Returns the part files in topic order.
@@ -70,6 +71,8 @@ def retrieve_in_batches(pipeline: pt.Transformer, topics: pd.DataFrame, folder: 
         results = results.assign(qid=results["qid"].astype(str), docno=results["docno"].astype(str))
         if "rank" not in results.columns:
             results = pt.model.add_ranks(results)
+        if depth is not None:
+            results = results[results["rank"] < depth]
         write_file(path, lambda tmp, r=results: r[RUN_COLUMNS].to_parquet(tmp, index=False))
         if len(batches) > 1:
             log(f"first stage: batch {number + 1} of {len(batches)} done ({min(start + batch_size, len(topics))} "

@@ -9,7 +9,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -167,21 +167,34 @@ def _checked_scores(scored: pd.DataFrame, teacher: Teacher) -> pd.DataFrame:
     return scored
 
 
+RUN_FORMATS = ("trec", "triples")
+
+
 class RunTeacher(Teacher):
-    """A run: a result frame or TREC run file with ``score``, or only ``rank``.
+    """A run: a result frame or a run file with ``score``, or only ``rank``.
 
     Ranks become scores ``depth − rank`` (``depth`` = the query's list length, ranks 0-based), so
     the top document scores highest; rank objectives (``distill_ranknet``, ``adr_mse``) only use
-    their order.
+    their order. A run file is read when first needed and, for compactly held candidates,
+    streamed in chunks keeping only their pairs (a teacher file may hold tens of millions of rows).
 
     Args:
-        run: A frame (qid, docno, score and/or rank) or a TREC run file path.
+        run: A frame (qid, docno, score and/or rank) or a run file path.
         use_ranks: Ignore the scores and use the ranks (for rankers, such as LLM listwise
             rankers, whose run scores are not calibrated).
+        format: Of a file: ``"trec"`` (``qid Q0 docno rank score tag``, gzipped too) or
+            ``"triples"`` (tab-separated ``score_pos score_neg qid docno_pos docno_neg``, the
+            layout of Hofstätter et al.'s MS MARCO ensemble scores).
     """
 
-    def __init__(self, run: Union[pd.DataFrame, str, os.PathLike], *, use_ranks: bool = False):
+    def __init__(self, run: Union[pd.DataFrame, str, os.PathLike], *, use_ranks: bool = False,
+                 format: str = "trec"):
+        if format not in RUN_FORMATS:
+            raise ValueError(f"format={format!r} is not one of {RUN_FORMATS}.")
+        if format == "triples" and use_ranks:
+            raise ValueError("A triples file has scores, not ranks: use_ranks=True does not apply.")
         self.use_ranks = use_ranks
+        self.format = format
         self.path: Optional[Path] = None
         if isinstance(run, (str, os.PathLike)):
             self.name = f"RunTeacher({os.fspath(run)!r})"
@@ -192,6 +205,19 @@ class RunTeacher(Teacher):
         else:
             self.name = f"RunTeacher(<frame of {len(run)} rows>)"
             self._run = self._scored(run)
+
+    def _chunks(self) -> Iterator[pd.DataFrame]:
+        """The run file in frames of (qid, docno, score, and rank for TREC runs)."""
+        assert self.path is not None
+        if self.format == "trec":
+            yield from trec_chunks(self.path)
+            return
+        names = ["score_pos", "score_neg", "qid", "docno_pos", "docno_neg"]
+        for chunk in pd.read_csv(self.path, sep="\t", header=None, names=names, chunksize=2_000_000,
+                                 dtype={"qid": str, "docno_pos": str, "docno_neg": str}, compression="infer"):
+            for side in ("pos", "neg"):
+                yield pd.DataFrame({"qid": chunk["qid"], "docno": chunk[f"docno_{side}"],
+                                    "score": chunk[f"score_{side}"]})
 
     def _scored(self, run: pd.DataFrame) -> pd.DataFrame:
         missing = {"qid", "docno"} - set(run.columns)
@@ -208,8 +234,8 @@ class RunTeacher(Teacher):
     def run(self) -> pd.DataFrame:
         """The run as a frame (qid, docno, score); a file is read on first use."""
         if self._run is None:
-            assert self.path is not None
-            self._run = self._scored(pt.io.read_results(os.fspath(self.path)))
+            run = pd.concat(list(self._chunks()), ignore_index=True)
+            self._run = self._scored(run.drop_duplicates(["qid", "docno"], keep="first"))
         return self._run
 
     def scores(self, candidates: pd.DataFrame) -> np.ndarray:
@@ -224,8 +250,7 @@ class RunTeacher(Teacher):
         elif self.use_ranks:
             values = self._rank_scores(candidates)
         else:
-            values = candidates.align_chunks(
-                (c["qid"], c["docno"], c["score"].to_numpy()) for c in trec_chunks(self.path))
+            values = candidates.align_chunks((c["qid"], c["docno"], c["score"].to_numpy()) for c in self._chunks())
         return _checked_alignment(values, candidates, self)
 
     def _rank_scores(self, candidates: Candidates) -> np.ndarray:

@@ -86,7 +86,8 @@ class CandidateSets:
         folder.mkdir(parents=True, exist_ok=True)
         if stage.kind in ("bm25", "factory"):
             self.log(f"{stage.describe()} for {spec.describe()}")
-            retrieve_in_batches(self._pipeline(spec), topics, folder, batch_size=stage.batch_size, log=self.log)
+            retrieve_in_batches(self._pipeline(spec), topics, folder, batch_size=stage.batch_size, depth=stage.depth,
+                                log=self.log)
         else:
             write_file(folder / "parts" / "00000.parquet",
                        lambda tmp: self._given_run(spec, topics).to_parquet(tmp, index=False))
@@ -113,7 +114,7 @@ class CandidateSets:
         if not isinstance(pipeline, pt.Transformer):
             raise ConfigError(f"first_stage factory {stage.source} returned {type(pipeline).__name__}, not a PyTerrier "
                               f"transformer.")
-        return pipeline % stage.depth if stage.depth else pipeline
+        return pipeline
 
     def _given_run(self, spec: DataSpec, topics: pd.DataFrame) -> pd.DataFrame:
         """The dataset's own candidates, or a run file's, for ``topics``, cut at the depth."""

@@ -87,6 +87,39 @@ def _first_stage(value: Any, where: str, data: Path) -> FirstStage:
     return FirstStage("factory", depth, str(value["factory"]), args, batch)
 
 
+TEACHER_USAGE = ("`teacher:` {model: FOLDER_OR_HUB_NAME} (scores the candidates), {run: FILE, use_ranks: BOOL, "
+                 "format: trec|triples}, {factory: 'module:function', args: {...}, key: NAME} (any PyTerrier "
+                 "pipeline) or {ensemble: [TEACHER, ...], normalize: zscore|minmax, weights: [...]}")
+
+
+def _teacher(value: Any, where: str, data: Path) -> Dict[str, Any]:
+    """A teacher section checked, with its run files resolved against the data folder."""
+    kinds = [k for k in TEACHER_KEYS if isinstance(value, dict) and k in value]
+    if len(kinds) != 1:
+        raise ConfigError(f"{where} must be one of {TEACHER_USAGE}.")
+    kind = kinds[0]
+    _check_keys(value, TEACHER_KEYS[kind], where)
+    teacher = dict(value)
+    if kind == "run":
+        path = _data_path(value["run"], data)
+        if not path.is_file():
+            raise ConfigError(f"{where}: run {path} does not exist (relative paths are read from the data folder "
+                              f"{data}, else the current folder).")
+        if value.get("format", "trec") not in ("trec", "triples"):
+            raise ConfigError(f"{where}: format must be trec or triples, not {value['format']!r}.")
+        teacher["run"] = str(path)
+    elif kind == "factory":
+        resolve_factory(str(value["factory"]), where)
+    elif kind == "ensemble":
+        members = value["ensemble"]
+        if not isinstance(members, list) or not members:
+            raise ConfigError(f"{where}: ensemble must be a list of teachers.")
+        teacher["ensemble"] = [_teacher(m, f"{where} ensemble[{i}]", data) for i, m in enumerate(members)]
+        if any("evaluate" in m for m in teacher["ensemble"]):
+            raise ConfigError(f"{where}: `evaluate` goes on a model teacher of its own, not inside an ensemble.")
+    return teacher
+
+
 def _data_path(value: Any, data: Path) -> Path:
     """A path of the config: absolute, or relative to the data folder (else to the current folder)."""
     path = Path(str(value)).expanduser()
@@ -270,21 +303,12 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Option
         if bad:
             raise ConfigError(f"{what} name(s) {bad} cannot be file names: use letters, digits, '-' and '_'.")
 
-    teacher = raw.get("teacher")
-    if teacher is not None:
-        kind = [k for k in TEACHER_KEYS if k in teacher] if isinstance(teacher, dict) else []
-        if len(kind) != 1:
-            raise ConfigError("teacher must be {model: FOLDER_OR_HUB_NAME} (scores the candidates) "
-                              "or {run: TREC_FILE}.")
-        _check_keys(teacher, TEACHER_KEYS[kind[0]], "teacher")
-        if kind[0] == "run" and not Path(teacher["run"]).is_file():
-            raise ConfigError(f"teacher run {teacher['run']} does not exist (paths are relative to the "
-                              f"current directory).")
+    teacher = None if raw.get("teacher") is None else _teacher(raw["teacher"], "teacher", data)
     distillers = [o.name for o in objectives if o.distils]
     if distillers and teacher is None:
         raise ConfigError(
-            f"Objective(s) {distillers} distil a teacher's scores: add `teacher: {{model: FOLDER}}` or "
-            f"`teacher: {{run: TREC_FILE}}`, or drop them from `objectives`.")
+            f"Objective(s) {distillers} distil a teacher's scores: add a teacher ({TEACHER_USAGE}), or drop them "
+            f"from `objectives`.")
     if teacher is not None and not distillers:
         warnings.warn("The config has a teacher but no distillation objective: the teacher is not used.", stacklevel=2)
 

@@ -27,9 +27,9 @@ from ..atomic import write_file
 from ..logs import logger
 from ..model import CrossEncoder
 from ..tables import compact
-from ..teachers import RunTeacher, as_teacher
+from ..teachers import Ensemble, PipelineTeacher, RunTeacher, as_teacher
 from .candidates import CandidateSets
-from .config import load_config, resolve_backbone, split_settings
+from .config import load_config, resolve_backbone, resolve_factory, split_settings
 from .report import markdown
 from .specs import Config, ConfigError, DataSpec, System
 
@@ -135,17 +135,22 @@ class Runner:
     # -- training -------------------------------------------------------------------------------
 
     def teacher(self):
-        """The config's teacher, loaded once: a CrossEncoder, or a run (file path or RunTeacher)."""
+        """The config's teacher, loaded once: a CrossEncoder, a run, a pipeline or an ensemble."""
         if self._teacher is None:
-            spec = self.cfg.teacher
-            if "model" in spec:
-                extra = {k: spec[k] for k in ("max_length", "batch_size", "precision") if k in spec}
-                self._teacher = CrossEncoder.from_pretrained(resolve_backbone(str(spec["model"])), **extra)
-            elif spec.get("use_ranks"):
-                self._teacher = RunTeacher(spec["run"], use_ranks=True)
-            else:
-                self._teacher = str(spec["run"])
+            self._teacher = self._build_teacher(self.cfg.teacher)
         return self._teacher
+
+    def _build_teacher(self, spec: Dict[str, Any]):
+        if "model" in spec:
+            extra = {k: spec[k] for k in ("max_length", "batch_size", "precision") if k in spec}
+            return CrossEncoder.from_pretrained(resolve_backbone(str(spec["model"])), **extra)
+        if "run" in spec:
+            return RunTeacher(spec["run"], use_ranks=bool(spec.get("use_ranks")), format=spec.get("format", "trec"))
+        if "factory" in spec:
+            pipeline = resolve_factory(str(spec["factory"]), "teacher")(**(spec.get("args") or {}))
+            return PipelineTeacher(pipeline, cache_dir=self.path("teachers"), key=spec.get("key"))
+        return Ensemble([self._build_teacher(member) for member in spec["ensemble"]],
+                        normalize=spec.get("normalize", "zscore"), weights=spec.get("weights"))
 
     def train(self, system: System) -> CrossEncoder:
         """Trains a system (resuming its checkpoint when there is one) and saves it."""

@@ -22,7 +22,9 @@ EVAL_KEYS = ("name", "dataset", "split", "queries", "seed", "first_stage", "meas
 MODEL_KEYS = ("name", "backbone", "num_layers", "layers", "settings")
 OBJECTIVE_KEYS = ("name", "settings")
 # `evaluate: true` reranks the evaluation sets with the teacher too (system "teacher")
-TEACHER_KEYS = {"model": ("model", "max_length", "batch_size", "precision", "evaluate"), "run": ("run", "use_ranks")}
+TEACHER_KEYS = {"model": ("model", "max_length", "batch_size", "precision", "evaluate"),
+                "run": ("run", "use_ranks", "format"), "factory": ("factory", "args", "key"),
+                "ensemble": ("ensemble", "normalize", "weights")}
 # CrossEncoder(...) arguments a config may set; everything else in `settings` is a training setting.
 CONSTRUCTOR_SETTINGS = ("batch_size", "max_length", "device", "precision", "verbose", "trust_remote_code")
 # Training settings the runner sets itself, per system.
