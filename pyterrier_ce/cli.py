@@ -28,9 +28,12 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from .runner import ConfigError, run_config
+    from .runner import ConfigError, dry_run, load_config, run_config
 
     try:
+        if args.dry_run:
+            print(dry_run(load_config(args.config, data=args.data, workdir=args.workdir)))
+            return
         run_config(args.config, data=args.data, workdir=args.workdir)
     except ConfigError as err:
         raise ConfigError(f"{args.config}: {err}") from err
@@ -70,6 +73,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     run.add_argument("config", help="the experiment config (YAML), e.g. configs/objectives-small.yaml")
     run.add_argument("--data", help="folder of BEIR-layout datasets (overrides the config's `data`)")
     run.add_argument("--workdir", help="where models, runs and results go (overrides the config's `workdir`)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="resolve every dataset, model, teacher and setting and print the plan (systems, steps, "
+                          "pairs to score, files) without running anything")
     run.set_defaults(run=_run)
     args = parser.parse_args(argv)
     from .logs import console

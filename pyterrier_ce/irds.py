@@ -19,6 +19,8 @@ from .candidates import Candidates
 from .data import BeirDataset
 
 IRDS_PREFIX = "irds:"
+# The split naming a collection's own queries and qrels (BEIR sets without subsets, e.g. beir/trec-covid).
+WHOLE = "all"
 
 
 class IrdsDataset:
@@ -27,7 +29,7 @@ class IrdsDataset:
     Args:
         irds_id: The collection's id, e.g. ``"beir/scifact"`` or ``"msmarco-passage"``; the
             split ``s`` is read from ``irds_id/s`` (``"msmarco-passage/train/judged"``: split
-            ``"train/judged"``).
+            ``"train/judged"``); split ``"all"`` is the collection's own queries (``beir/trec-covid``).
         query_field: The query field to read, for collections with several (e.g. ``"text"``).
     """
 
@@ -54,6 +56,8 @@ class IrdsDataset:
     def _split(self, split: Optional[str]):
         if split is None:
             raise ValueError(f"Name a split of {self.irds_id} (the part of its id after the collection, e.g. 'test').")
+        if split == WHOLE:
+            return pt.get_dataset(f"irds:{self.irds_id}")
         try:
             return pt.get_dataset(f"irds:{self.irds_id}/{split}")
         except KeyError:
@@ -62,7 +66,7 @@ class IrdsDataset:
     def splits(self) -> List[str]:
         """The sub-datasets of the collection that have queries and judgements."""
         prefix = f"{self.irds_id}/"
-        found = []
+        found = [WHOLE] if self._docs.has_queries() and self._docs.has_qrels() else []
         for name in ir_datasets.registry._registered:  # ids are only listed by the registry
             if name.startswith(prefix):
                 dataset = ir_datasets.load(name)

@@ -12,11 +12,13 @@ set compares the saved runs (paired tests against a baseline, multiple-testing c
     evaluate: [{dataset: trec_dl_2019, split: test, first_stage: candidates}]
     measures: ["nDCG@10", "RR(rel=2)@10"]
 
-The config is read and checked by :mod:`.config` (into the :mod:`.specs`), run by :mod:`.run`
-(with the first-stage :mod:`.candidates`), and reported by :mod:`.report`.
+The config is read and checked by :mod:`.config` (into the :mod:`.specs`), planned without
+running by :mod:`.dry_run`, run by :mod:`.run` (with the first-stage :mod:`.candidates`), and
+reported by :mod:`.report`.
 """
 from .config import load_config
+from .dry_run import dry_run
 from .run import Runner, run_config
 from .specs import Config, ConfigError
 
-__all__ = ["load_config", "run_config", "Runner", "Config", "ConfigError"]
+__all__ = ["load_config", "run_config", "dry_run", "Runner", "Config", "ConfigError"]

@@ -147,7 +147,8 @@ def _data_spec(section: Any, where: str, keys, data: Path) -> DataSpec:
     split = str(_required(section, "split", where))
     if "first_stage" not in section:
         raise ConfigError(f"{where} needs {FIRST_STAGE_USAGE}.")
-    spec = DataSpec(name=str(section.get("name", dataset)), dataset=dataset, split=split,
+    default_name = dataset[len(IRDS_PREFIX):].replace("/", "-") if dataset.startswith(IRDS_PREFIX) else dataset
+    spec = DataSpec(name=str(section.get("name", default_name)), dataset=dataset, split=split,
                     first_stage=_first_stage(section["first_stage"], where, data),
                     queries=(None if section.get("queries") is None
                              else _positive_int(section["queries"], f"{where} queries")),
@@ -251,7 +252,8 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Option
             raise ConfigError(f"{source} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"The config must be a YAML mapping with keys {', '.join(TOP_KEYS)}.")
-    _check_keys(raw, TOP_KEYS, "the config")
+    # keys starting with x- hold YAML anchors for the rest of the config (as docker compose's do)
+    _check_keys({k: v for k, v in raw.items() if not str(k).startswith("x-")}, TOP_KEYS, "the config")
     name = str(_required(raw, "name", "The config"))
     if data is None and raw.get("data") is None:
         try:
@@ -286,8 +288,10 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Option
         if isinstance(entry, str):
             entry = {"name": entry}
         _check_keys(entry, OBJECTIVE_KEYS, where)
+        own_teacher = entry.get("teacher")
         objective = ObjectiveSpec(str(_required(entry, "name", where)),
-                                  _check_settings(entry.get("settings"), f"{where} settings"))
+                                  _check_settings(entry.get("settings"), f"{where} settings"),
+                                  None if own_teacher is None else _teacher(own_teacher, f"{where} teacher", data))
         if objective.name not in registry.available():
             raise ConfigError(f"{where}: unknown objective {objective.name!r}; "
                               f"available: {', '.join(registry.available())}.")
@@ -304,7 +308,10 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Option
             raise ConfigError(f"{what} name(s) {bad} cannot be file names: use letters, digits, '-' and '_'.")
 
     teacher = None if raw.get("teacher") is None else _teacher(raw["teacher"], "teacher", data)
-    distillers = [o.name for o in objectives if o.distils]
+    for objective in objectives:
+        if objective.teacher is not None and not objective.distils:
+            raise ConfigError(f"objective {objective.name} trains on labels: its teacher would not be used.")
+    distillers = [o.name for o in objectives if o.distils and o.teacher is None]
     if distillers and teacher is None:
         raise ConfigError(
             f"Objective(s) {distillers} distil a teacher's scores: add a teacher ({TEACHER_USAGE}), or drop them "

@@ -51,7 +51,7 @@ class Runner:
         self._log = log
         self._started = time.perf_counter()
         self.candidates = CandidateSets(config, self.state, self.log)
-        self._teacher = None
+        self._teachers: Dict[str, Any] = {}  # loaded teachers, by their config section
         self.trained: List[str] = []  # systems trained by this call
 
     def log(self, message: str) -> None:
@@ -113,7 +113,7 @@ class Runner:
                 "layers": system.model.layers, "objective": system.objective.name, "seed": system.seed,
                 "settings": self.cfg.system_settings(system), "train": self.cfg.train.key(),
                 "held_out": [spec.key() for spec in self.candidates.same_dataset_evaluations()],
-                "teacher": self.cfg.teacher if distils else None}
+                "teacher": (system.objective.teacher or self.cfg.teacher) if distils else None}
 
     def check_specs(self) -> None:
         """Refuses to mix results of an earlier, different config into this one."""
@@ -134,11 +134,15 @@ class Runner:
 
     # -- training -------------------------------------------------------------------------------
 
-    def teacher(self):
-        """The config's teacher, loaded once: a CrossEncoder, a run, a pipeline or an ensemble."""
-        if self._teacher is None:
-            self._teacher = self._build_teacher(self.cfg.teacher)
-        return self._teacher
+    def teacher(self, spec: Optional[Dict[str, Any]] = None):
+        """A teacher (the config's by default), loaded once: a CrossEncoder, a run, a pipeline or an
+        ensemble."""
+        spec = spec or self.cfg.teacher
+        assert spec is not None
+        key = json.dumps(spec, sort_keys=True, default=str)
+        if key not in self._teachers:
+            self._teachers[key] = self._build_teacher(spec)
+        return self._teachers[key]
 
     def _build_teacher(self, spec: Dict[str, Any]):
         if "model" in spec:
@@ -168,7 +172,7 @@ class Runner:
         self.state.wait_for_everyone()
         teacher = None
         if system.objective.distils:
-            teacher = self.teacher()
+            teacher = self.teacher(system.objective.teacher)
             teacher_cache = str(self.path("teachers"))
             if isinstance(teacher, CrossEncoder):
                 with self.state.main_process_first():  # one process scores, the others read the cache

@@ -20,7 +20,7 @@ TOP_KEYS = ("name", "data", "workdir", "train", "models", "objectives", "teacher
 TRAIN_KEYS = ("dataset", "split", "queries", "seed", "first_stage", "positives_only")
 EVAL_KEYS = ("name", "dataset", "split", "queries", "seed", "first_stage", "measures")
 MODEL_KEYS = ("name", "backbone", "num_layers", "layers", "settings")
-OBJECTIVE_KEYS = ("name", "settings")
+OBJECTIVE_KEYS = ("name", "settings", "teacher")
 # `evaluate: true` reranks the evaluation sets with the teacher too (system "teacher")
 TEACHER_KEYS = {"model": ("model", "max_length", "batch_size", "precision", "evaluate"),
                 "run": ("run", "use_ranks", "format"), "factory": ("factory", "args", "key"),
@@ -112,6 +112,9 @@ class ModelSpec:
 class ObjectiveSpec:
     name: str
     settings: Dict[str, Any] = field(default_factory=dict)
+    #: This objective's own teacher (else the config's), e.g. MarginMSE from an ensemble's scores
+    #: and DistillRankNet from a ranker's run in one grid.
+    teacher: Optional[Dict[str, Any]] = None
 
     @property
     def distils(self) -> bool:
