@@ -140,13 +140,13 @@ def _broken(config: dict, change) -> dict:
     (lambda c: c["train"].update(first_stage="candidates"), "no candidates/train.run"),
     (lambda c: c["train"].update(first_stage={"bm26": 5}), "`first_stage:` {bm25: DEPTH}"),
     (lambda c: c.update(objectives=["infonce", "listmle"]), "unknown objective 'listmle'; available: adr_mse"),
-    (lambda c: c.update(objectives=["kl"]), "distil a teacher's scores: add `teacher:"),
+    (lambda c: c.update(objectives=["kl"]), "distil a teacher's scores: add a teacher (`teacher:` {model:"),
     (lambda c: c.update(measures=["nDCG@ten"]), "not an ir_measures name"),
     (lambda c: c.update(baseline="tiny-infonce-s2"), "baseline 'tiny-infonce-s2' is not a system; systems: BM25"),
     (lambda c: c["settings"].update(group_sise=4), "Unknown key(s) ['group_sise'] in settings"),
     (lambda c: c["settings"].update(objective="bce"), "Unknown key(s) ['objective'] in settings"),
     (lambda c: c["settings"].update(group_size=0), "group_size must be at least 1"),
-    (lambda c: c.update(teacher={"run": "missing.run"}), "teacher run missing.run does not exist"),
+    (lambda c: c.update(teacher={"run": "missing.run"}), "teacher: run missing.run does not exist"),
     (lambda c: c.update(seeds=42), "seeds must be a list of integers"),
 ])
 def test_config_errors_say_what_to_do(config, change, message):
