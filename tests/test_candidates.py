@@ -182,3 +182,35 @@ def test_prefetching_keeps_the_order_and_raises_the_producers_error():
     stream = prefetched(iter(range(1000)), depth=2)
     assert next(stream) == 0
     stream.close()  # the producer stops instead of waiting forever on a full queue
+
+
+def test_pipeline_and_ensemble_teachers_score_compact_candidates_as_frames(task, on_disk, tiny_model_dir, tmp_path,
+                                                                           monkeypatch):
+    from pyterrier_ce import teachers
+    from pyterrier_ce.teachers import Ensemble, PipelineTeacher
+
+    frame, _ = task
+    candidates, store = on_disk
+    monkeypatch.setattr(teachers, "TEACHER_CHUNK_ROWS", 50)  # several calls, whole queries each
+    scorer = CrossEncoder(str(tiny_model_dir), max_length=32, verbose=False)
+    pipeline = PipelineTeacher(scorer, cache_dir=tmp_path / "cache")
+    as_frame = candidates.frame(np.arange(len(candidates)), DocstoreTexts(store).texts(
+        candidates.docno_strings(np.arange(len(candidates)))))
+    chunked = pipeline.scores_of(candidates, as_text_source(store))
+    # scored in other batches than the whole frame: equal up to batch-composition rounding
+    np.testing.assert_allclose(chunked, PipelineTeacher(scorer).scores(as_frame), atol=1e-4)
+    np.testing.assert_array_equal(pipeline.scores(as_frame), chunked)  # the cache holds the chunked scores
+    run = frame.assign(score=np.random.default_rng(1).normal(size=len(frame)))
+    ensemble = Ensemble([RunTeacher(run), PipelineTeacher(scorer)], weights=[1, 3])
+    np.testing.assert_allclose(ensemble.scores_of(candidates, as_text_source(store)), ensemble.scores(as_frame),
+                               atol=1e-4)
+
+
+def test_a_parquet_run_reads_as_the_trec_file(task, on_disk, tmp_path):
+    frame, _ = task
+    from_trec, _ = on_disk
+    frame[["qid", "docno", "rank", "score"]].to_parquet(tmp_path / "run.parquet")
+    from_parquet = Candidates.from_run(tmp_path / "run.parquet", frame[["qid", "query"]])
+    rows = np.arange(len(from_trec))
+    assert from_parquet.docno_strings(rows) == from_trec.docno_strings(rows)
+    assert from_parquet.queries.tolist() == from_trec.queries.tolist()
