@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, nargs="+", default=[10_000, 100_000, 500_000])
     parser.add_argument("--frame-queries", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--docs", type=int, default=1_000_000)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "pyterrier-ce-scale"))
     parser.add_argument("--child", nargs=2, metavar=("MODE", "N"))
     args = parser.parse_args()

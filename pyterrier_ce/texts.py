@@ -57,11 +57,13 @@ class DocstoreTexts(TextSource):
 
 
 class TransformerTexts(TextSource):
-    """Texts from a PyTerrier transformer that adds ``text_field`` to a frame of (qid, docno)."""
+    """Texts from a PyTerrier transformer that adds ``text_field`` to a frame of (qid, docno), or
+    each of ``fields`` (joined by a space, e.g. ``("title", "text")``)."""
 
-    def __init__(self, transformer: pt.Transformer, text_field: str = "text"):
+    def __init__(self, transformer: pt.Transformer, text_field: str = "text", fields: Sequence[str] = ()):
         self.transformer = transformer
         self.text_field = text_field
+        self.fields = tuple(fields) or (text_field,)
 
     def __repr__(self) -> str:
         return f"TransformerTexts({self.transformer!r})"
@@ -69,13 +71,21 @@ class TransformerTexts(TextSource):
     def texts(self, docnos: Sequence[str]) -> List[str]:
         unique = list(dict.fromkeys(docnos))
         out: pd.DataFrame = self.transformer.transform(pd.DataFrame({"qid": ["0"] * len(unique), "docno": unique}))
-        if self.text_field not in out.columns:
-            raise ValueError(f"The text source {self!r} added no `{self.text_field}` column (it gave "
-                             f"{list(out.columns)}).")
-        found = dict(zip(as_strings(out["docno"]), as_strings(out[self.text_field])))
+        missing = [f for f in self.fields if f not in out.columns]
+        if missing:
+            raise ValueError(f"The text source {self!r} added no {missing} column (it gave {list(out.columns)}).")
+        found = dict(zip(as_strings(out["docno"]), join_fields(out, self.fields)))
         if len(found) < len(unique):
             raise _missing(docnos, found, self)
         return [found[d] for d in docnos]
+
+
+def join_fields(frame: pd.DataFrame, fields: Sequence[str]) -> List[str]:
+    """Each row's ``fields`` joined by a space (empty ones left out), e.g. a title and a text."""
+    if len(fields) == 1:
+        return as_strings(frame[fields[0]])
+    columns = [as_strings(frame[f].fillna("")) for f in fields]
+    return [" ".join(part for part in parts if part) for parts in zip(*columns)]
 
 
 def as_text_source(source: Any, text_field: str = "text") -> TextSource:

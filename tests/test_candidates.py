@@ -214,3 +214,15 @@ def test_a_parquet_run_reads_as_the_trec_file(task, on_disk, tmp_path):
     rows = np.arange(len(from_trec))
     assert from_parquet.docno_strings(rows) == from_trec.docno_strings(rows)
     assert from_parquet.queries.tolist() == from_trec.queries.tolist()
+
+
+def test_texts_of_several_fields_are_joined():
+    from pyterrier_ce.texts import TransformerTexts
+
+    docs = {"a": ("Title A", "text a"), "b": ("", "text b")}
+    loader = pt.apply.generic(lambda df: df.assign(title=df["docno"].map(lambda d: docs[d][0]),
+                                                   text=df["docno"].map(lambda d: docs[d][1])))
+    assert TransformerTexts(loader, fields=["title", "text"]).texts(["b", "a"]) == ["text b", "Title A text a"]
+    store = Docstore({})
+    store.docs = {"a": {"title": "Title A", "text": "text a"}}
+    assert DocstoreTexts(store, ["title", "text"]).texts(["a"]) == ["Title A text a"]

@@ -118,3 +118,13 @@ def test_source_errors_say_what_to_do(config, change, message):
     change(config)
     with pytest.raises(ConfigError, match=message):
         load_config(config)
+
+
+def test_fields_are_part_of_an_evaluation_sets_identity(config):
+    config["evaluate"][0]["fields"] = ["title", "text"]
+    cfg = load_config(config)
+    assert cfg.evaluate[0].fields == ["title", "text"] and cfg.evaluate[0].key()["fields"] == ["title", "text"]
+    assert "fields" not in cfg.evaluate[1].key()  # the default keeps earlier runs' keys
+    config["evaluate"][0]["fields"] = []
+    with pytest.raises(ConfigError, match="fields must be document field names"):
+        load_config(config)

