@@ -179,7 +179,8 @@ class RunTeacher(Teacher):
     streamed in chunks keeping only their pairs (a teacher file may hold tens of millions of rows).
 
     Args:
-        run: A frame (qid, docno, score and/or rank) or a run file path.
+        run: A frame (qid, docno, score and/or rank) or a run file path (TREC or triples, see
+            ``format``; a ``.parquet`` or ``.feather`` file holds the frame's columns).
         use_ranks: Ignore the scores and use the ranks (for rankers, such as LLM listwise
             rankers, whose run scores are not calibrated).
         format: Of a file: ``"trec"`` (``qid Q0 docno rank score tag``, gzipped too) or
@@ -209,6 +210,9 @@ class RunTeacher(Teacher):
     def _chunks(self) -> Iterator[pd.DataFrame]:
         """The run file in frames of (qid, docno, score, and rank for TREC runs)."""
         assert self.path is not None
+        if self.path.suffix in (".parquet", ".feather"):
+            yield pd.read_parquet(self.path) if self.path.suffix == ".parquet" else pd.read_feather(self.path)
+            return
         if self.format == "trec":
             yield from trec_chunks(self.path)
             return
@@ -244,7 +248,7 @@ class RunTeacher(Teacher):
     def scores_of(self, candidates: Candidates, text_source: Optional[TextSource] = None,
                   text_field: str = "text") -> np.ndarray:
         """Streams a run file in chunks, keeping only the scores of ``candidates``' pairs."""
-        if self.path is None or self.path.suffix in (".parquet", ".feather"):
+        if self.path is None or self.path.suffix in (".parquet", ".feather"):  # held whole, as a frame
             run = self.run
             values = candidates.align(run["qid"], run["docno"], run["score"].to_numpy())
         elif self.use_ranks:

@@ -226,3 +226,14 @@ def test_texts_of_several_fields_are_joined():
     store = Docstore({})
     store.docs = {"a": {"title": "Title A", "text": "text a"}}
     assert DocstoreTexts(store, ["title", "text"]).texts(["a"]) == ["Title A text a"]
+
+
+def test_a_parquet_teacher_run_scores_as_the_trec_one(task, on_disk, tmp_path):
+    frame, _ = task
+    candidates, _ = on_disk
+    teacher = frame.assign(score=np.random.default_rng(2).normal(size=len(frame)))
+    write_run(teacher, tmp_path / "teacher.gz")
+    teacher[["qid", "docno", "score"]].to_parquet(tmp_path / "teacher.parquet")
+    np.testing.assert_allclose(RunTeacher(tmp_path / "teacher.parquet").scores_of(candidates),
+                               RunTeacher(tmp_path / "teacher.gz").scores_of(candidates))
+    assert len(RunTeacher(tmp_path / "teacher.parquet").run) == len(frame)
