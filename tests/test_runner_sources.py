@@ -128,3 +128,22 @@ def test_fields_are_part_of_an_evaluation_sets_identity(config):
     config["evaluate"][0]["fields"] = []
     with pytest.raises(ConfigError, match="fields must be document field names"):
         load_config(config)
+
+
+def test_a_run_file_with_its_own_topics_and_qrels(config, data_dir, tmp_path):
+    # a user's own queries and judgements over the toy dataset's documents
+    (data_dir / "my-topics.tsv").write_text("".join(f"u{q}\tcity world {w}\n" for q, w in enumerate(["cat", "dog"])))
+    (data_dir / "my-qrels.txt").write_text("u0 0 d0 1\nu1 0 d1 1\n")
+    (data_dir / "my.run").write_text("".join(f"u{q} Q0 d{(q + k) % 60} {k} {-k} mine\n" for q in range(2)
+                                             for k in range(6)))
+    mine = {"name": "mine", "dataset": "toy", "topics": "my-topics.tsv", "qrels": "my-qrels.txt",
+            "first_stage": {"run": "my.run"}}
+    config = {**config, "objectives": ["infonce"], "evaluate": [mine]}
+    cfg = load_config(config)
+    assert cfg.evaluate[0].split == "files" and cfg.evaluate[0].key()["qrels"].endswith("my-qrels.txt")
+    tables = run_config(config)
+    assert tables["mine"]["name"].tolist() == ["BM25", "tiny-infonce-s1"]
+    run = pd.read_csv(tmp_path / "work" / "runs" / "mine" / "BM25.res.gz", sep=" ", header=None)
+    assert sorted(run[0].unique()) == ["u0", "u1"] and len(run) == 12
+    with pytest.raises(ConfigError, match="give the first stage"):
+        load_config({**config, "evaluate": [{**mine, "first_stage": "candidates"}]})

@@ -76,9 +76,21 @@ class CandidateSets:
         self._ready.add(folder.name)
         return folder
 
+    def topics_of(self, spec: DataSpec) -> pd.DataFrame:
+        """All topics of ``spec`` (qid, query): its topics file, or its split's."""
+        if spec.topics:
+            return read_topics(spec.topics)
+        return self.dataset(spec.dataset).get_topics(spec.split)
+
+    def qrels(self, spec: DataSpec) -> pd.DataFrame:
+        """The judgements of ``spec`` (qid, docno, label): its qrels file, or its split's."""
+        if spec.qrels:
+            qrels = pt.io.read_qrels(spec.qrels)
+            return qrels.assign(qid=qrels["qid"].astype(str), docno=qrels["docno"].astype(str))
+        return self.dataset(spec.dataset).get_qrels(spec.split)
+
     def _build(self, spec: DataSpec, folder: Path) -> None:
-        data = self.dataset(spec.dataset)
-        topics = data.get_topics(spec.split)
+        topics = self.topics_of(spec)
         if spec.queries is not None and spec.queries < len(topics):
             topics = topics.sample(n=spec.queries, random_state=spec.seed)
         topics = topics.reset_index(drop=True).assign(qid=lambda t: t["qid"].astype(str))
@@ -92,7 +104,7 @@ class CandidateSets:
             write_file(folder / "parts" / "00000.parquet",
                        lambda tmp: self._given_run(spec, topics).to_parquet(tmp, index=False))
         if spec.positives_only:
-            relevant = data.get_qrels(spec.split).query("label > 0")[["qid", "docno"]].astype(str)
+            relevant = self.qrels(spec).query("label > 0")[["qid", "docno"]].astype(str)
             found = set()
             for part in read_parts(folder):
                 found |= set(part[["qid", "docno"]].merge(relevant)["qid"])
@@ -201,3 +213,11 @@ def read_parts(folder: Path) -> Iterator[pd.DataFrame]:
         part = pd.read_parquet(path)
         yield part.assign(qid=part["qid"].astype(str), docno=part["docno"].astype(str),
                           rank=part["rank"].to_numpy(dtype=np.int64))
+
+
+def read_topics(path: Union[str, Path]) -> pd.DataFrame:
+    """Topics from a file: ``qid<TAB>query`` lines (``.tsv``, ``.txt``), else TREC topics."""
+    if Path(path).suffix in (".tsv", ".txt"):
+        return pd.read_csv(path, sep="\t", header=None, names=["qid", "query"], dtype=str, quoting=3)
+    topics = pt.io.read_topics(str(path))
+    return topics.assign(qid=topics["qid"].astype(str))

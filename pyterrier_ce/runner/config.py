@@ -144,7 +144,8 @@ def resolve_factory(source: str, where: str) -> Callable[..., Any]:
 def _data_spec(section: Any, where: str, keys, data: Path) -> DataSpec:
     _check_keys(section, keys, where)
     dataset = str(_required(section, "dataset", where))
-    split = str(_required(section, "split", where))
+    own_files = section.get("topics") is not None and section.get("qrels") is not None
+    split = str(section.get("split", "files")) if own_files else str(_required(section, "split", where))
     if "first_stage" not in section:
         raise ConfigError(f"{where} needs {FIRST_STAGE_USAGE}.")
     default_name = dataset[len(IRDS_PREFIX):].replace("/", "-") if dataset.startswith(IRDS_PREFIX) else dataset
@@ -155,12 +156,22 @@ def _data_spec(section: Any, where: str, keys, data: Path) -> DataSpec:
                     seed=int(section.get("seed", 42)), measures=section.get("measures"),
                     positives_only=bool(section.get("positives_only", False)),
                     fields=_fields(section.get("fields", ["text"]), where))
+    for name in ("topics", "qrels"):
+        if section.get(name) is not None:
+            path = _data_path(section[name], data)
+            if not path.is_file():
+                raise ConfigError(f"{where}: {name} file {path} does not exist (relative paths are read from the data "
+                                  f"folder {data}).")
+            setattr(spec, name, str(path))
+    own_files = bool(spec.topics and spec.qrels)  # then the split's own topics and qrels are not read
+    if own_files and spec.first_stage.kind == "candidates":
+        raise ConfigError(f"{where}: with topics and qrels files, give the first stage ({{run: FILE}}, bm25, factory).")
     if dataset.startswith(IRDS_PREFIX):  # ir_datasets: the collection must be known, its split one of its own
         try:
             splits = IrdsDataset(dataset).splits()
         except ValueError as err:
             raise ConfigError(f"{where}: {err}") from None
-        if split not in splits:
+        if split not in splits and not own_files:
             raise ConfigError(f"{where}: {dataset} has no split {split!r} with queries and qrels; it has {splits}.")
         return spec
     folder = data / dataset
@@ -169,6 +180,8 @@ def _data_spec(section: Any, where: str, keys, data: Path) -> DataSpec:
         raise ConfigError(
             f"{where}: no dataset folder {folder}. Datasets in {data}: {found or 'none'}; fix `dataset`, or point "
             f"`data` (or --data) at the folder of BEIR datasets.")
+    if own_files:
+        return spec
     splits = BeirDataset(folder).splits()
     if split not in splits:
         raise ConfigError(f"{where}: {dataset} has no split {split!r} (qrels/{split}.tsv); it has {splits}.")

@@ -18,13 +18,16 @@ from .. import objectives
 from ..data import BeirDataset
 from ..irds import IRDS_PREFIX, WHOLE
 from ..settings import TrainingSettings
+from .candidates import read_topics
 from .config import resolve_backbone, split_settings
 from .specs import PACKAGED_MODELS, Config, ConfigError, DataSpec
 
 
 def query_count(cfg: Config, spec: DataSpec) -> Tuple[Optional[int], str]:
     """(queries of ``spec`` after its ``queries`` limit, where the count comes from)."""
-    if spec.dataset.startswith(IRDS_PREFIX):
+    if spec.topics:
+        total, source = len(read_topics(spec.topics)), "topics file"
+    elif spec.dataset.startswith(IRDS_PREFIX):
         collection = spec.dataset[len(IRDS_PREFIX):]
         dataset = ir_datasets.load(collection if spec.split == WHOLE else f"{collection}/{spec.split}")
         try:

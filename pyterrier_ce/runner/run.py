@@ -160,7 +160,7 @@ class Runner:
         """Trains a system (resuming its checkpoint when there is one) and saves it."""
         train = self.candidates.training()
         text_source = self.candidates.text_source(self.cfg.train)
-        qrels = self.candidates.dataset(self.cfg.train.dataset).get_qrels(self.cfg.train.split)
+        qrels = self.candidates.qrels(self.cfg.train)
         constructor, training = split_settings(self.cfg.system_settings(system))
         checkpoints = self.path("checkpoints", system.name)
         log_file = self.path("logs", f"{system.name}.jsonl")
@@ -245,7 +245,7 @@ class Runner:
         for spec in self.cfg.evaluate:
             topics, _ = self.candidates(spec)
             runs = [pt.Transformer.from_df(pt.io.read_results(str(self.run_path(spec, s)))) for s in systems]
-            qrels = self.candidates.dataset(spec.dataset).get_qrels(spec.split)
+            qrels = self.candidates.qrels(spec)
             baseline = systems.index(self.cfg.baseline) if self.cfg.baseline is not None else None
             # parsed here: pt.Experiment reads strings as trec_eval names, where nDCG@10 is unknown
             measures = [ir_measures.parse_measure(m) for m in spec.measures or self.cfg.measures]

