@@ -53,6 +53,11 @@ class TrainingSettings:
             GPUs, and on CPUs with native bf16), ``"fp32"``, ``"bf16"`` or ``"fp16"``;
             ``None`` follows the CrossEncoder's ``precision`` (its scoring precision; ``"int8"``
             scoring trains at ``"auto"``), so one setting owns each.
+        gradient_checkpointing: Recompute each layer's activations during the backward pass
+            (transformers' gradient checkpointing): the same gradients for about a third more
+            compute and activation memory of one layer instead of all, for long inputs and
+            large models. (Without it, a micro-batch that runs out of memory is already split
+            and, at one pair per pass, recomputed: see the memory options in the README.)
         seed: Seeds the sampling, the dropout and the head.
         eval_every: Validate every this many optimiser steps (``None``: at the end of each epoch).
         eval_metric: An ir_measures name, e.g. ``"nDCG@10"`` or ``"RR(rel=2)@10"``.
@@ -94,6 +99,7 @@ class TrainingSettings:
     train_max_length: Optional[int] = None
     max_grad_norm: Optional[float] = 1.0
     train_precision: Optional[str] = None
+    gradient_checkpointing: bool = False
     seed: int = 42
     eval_every: Optional[int] = None
     eval_metric: str = "nDCG@10"

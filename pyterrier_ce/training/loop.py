@@ -21,10 +21,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .. import processes
 from ..cls_only import cls_only_last_layer
 from ..history import TrainingLog
+from ..logs import logger
 from ..memory import keep_freed_memory
 from ..sampling import GroupSampler
 from .batches import data_digest, prefetched, steps_from
 from .checkpoints import Checkpointer
+from .memory_plan import memory_plan
 from .optimiser import build_optimiser, training_mode
 from .plan import TrainingPlan
 from .steps import StepRunner
@@ -94,9 +96,13 @@ def _run_steps(model, accelerator: Accelerator, optimizer, scheduler, tokenizer,
             if validator is not None:
                 validator.load_state_dict(state)
     if processes.is_main() and step == 0:
+        needs = memory_plan(accelerator.unwrap_model(model), plan)
+        if progress:
+            logger.info(f"CrossEncoder.fit: {needs}")
         log.write(event="start", sampling=_sampling_report(sampler, plan), total_steps=plan.total_steps,
                   groups_per_step=plan.groups_per_step, lr=plan.lr, head_lr=plan.head_lr,
-                  objective=plan.objective_name, eval_depth=validator.depth if validator else None)
+                  objective=plan.objective_name, eval_depth=validator.depth if validator else None,
+                  memory=needs.as_dict())
     bar = pt.tqdm(total=plan.total_steps, initial=step, desc="training", unit="step", disable=not progress)
 
     def save_checkpoint() -> None:

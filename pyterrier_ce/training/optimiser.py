@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
 
 import torch
 from transformers import get_linear_schedule_with_warmup
@@ -34,6 +34,14 @@ def frozen_parameters(model: torch.nn.Module, frozen_layers: Optional[int]) -> L
                          f"layers: give at most {num_layers - 1}.")
     return [p for name, p in model.named_parameters()
             if not is_head_parameter(name, model) and _depth(name, num_layers) <= frozen_layers]
+
+
+def checkpointing_on(model: torch.nn.Module) -> bool:
+    """Whether ``model`` runs its layers under activation (gradient) checkpointing."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5's name first
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
 
 
 def param_groups(model: torch.nn.Module, *, lr: float, head_lr: float, weight_decay: float,
@@ -89,16 +97,31 @@ def dropout_overrides(model: torch.nn.Module, dropout: Optional[float],
 
 @contextlib.contextmanager
 def training_mode(model: torch.nn.Module, plan: TrainingPlan) -> Iterator[None]:
-    """The model in train mode with the plan's dropout and frozen layers; afterwards (also after
-    an error) in eval mode with its own dropout and every parameter trainable again."""
+    """The model in train mode with the plan's dropout, frozen layers and gradient checkpointing;
+    afterwards (also after an error) in eval mode with its own dropout, every parameter trainable
+    again and checkpointing off."""
     model.train()
     frozen = [p for p in frozen_parameters(model, plan.frozen_layers) if p.requires_grad]
     changed = dropout_overrides(model, plan.dropout, plan.attention_dropout)
     for param in frozen:
         param.requires_grad_(False)
+    checkpointing = plan.gradient_checkpointing and not checkpointing_on(model)
+    if checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"{type(model).__name__} does not support gradient checkpointing in transformers: "
+                             f"train without gradient_checkpointing.")
+        # non-reentrant: works with frozen inputs (the embeddings) and gives the plain gradients
+        hf = cast(Any, model)
+        if hasattr(hf, "activation_checkpointing_enable"):  # transformers 5's name
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
         yield
     finally:
+        if checkpointing:
+            hf = cast(Any, model)
+            (getattr(hf, "activation_checkpointing_disable", None) or hf.gradient_checkpointing_disable)()
         for module, attribute, value in changed:
             setattr(module, attribute, value)
         for param in frozen:

@@ -47,6 +47,8 @@ class TrainingPlan:
     dropout: Optional[float]
     attention_dropout: Optional[float]
     precision: str  # "fp32", "bf16" or "fp16": the compute dtype of forward passes
+    #: Recompute each layer's activations in the backward pass (the same gradients, less memory).
+    gradient_checkpointing: bool
     # validation and checkpoints
     eval_every: Optional[int]
     eval_metric: str
@@ -110,6 +112,7 @@ def plan_training(settings: TrainingSettings, *, objective: torch.nn.Module, gro
         weight_decay=s.weight_decay, layer_decay=s.layer_decay, max_grad_norm=s.max_grad_norm,
         frozen_layers=s.frozen_layers, dropout=s.dropout, attention_dropout=s.attention_dropout,
         precision=dtype_name(resolve_precision(precision, device, training=True)),
+        gradient_checkpointing=s.gradient_checkpointing,
         eval_every=s.eval_every, eval_metric=s.eval_metric, patience=s.patience, checkpoint_dir=checkpoint_dir,
         checkpoint_every=s.checkpoint_every, resume=s.resume, log_file=Path(log_file) if log_file else None,
         origin=origin,
