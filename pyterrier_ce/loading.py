@@ -222,6 +222,25 @@ def load_tokenizer(
     return AutoTokenizer.from_pretrained(os.fspath(source), trust_remote_code=trust_remote_code)
 
 
+def align_padding(tokenizer: transformers.PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
+    """Gives the tokenizer a pad token and the model the same pad id.
+
+    Decoder-only classifiers (Qwen2, Llama, Mistral, Gemma) score the last token that is not
+    padding, found by the config's ``pad_token_id``: without one they refuse batches, and with
+    another id than the tokenizer pads with they would score a pad token, so that a pair's score
+    would depend on the batch it is in. Many decoder tokenizers have no pad token: their
+    end-of-sequence token pads (it is masked out of attention).
+    """
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ValueError("The tokenizer has no pad, end-of-sequence or unknown token to pad with: give it a "
+                             "pad token (tokenizer.pad_token = ...) and pass tokenizer=.")
+        tokenizer.pad_token = fallback
+    if model.config.pad_token_id != tokenizer.pad_token_id:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
 def check_tokenizer_fits(tokenizer: transformers.PreTrainedTokenizerBase, model: PreTrainedModel, source: str) -> None:
     """Refuses a tokenizer whose vocabulary does not fit the model's embeddings.
 

@@ -18,7 +18,15 @@ from .candidates import Candidates
 from .history import TrainingLog
 from .identity import folder_fingerprint
 from .inputs import candidates, check_result_frame, check_values, judgements, teacher_scores, validation_judgements
-from .loading import ModelLike, check_tokenizer_fits, keep_layers, load_model, load_tokenizer, student_layers
+from .loading import (
+    ModelLike,
+    align_padding,
+    check_tokenizer_fits,
+    keep_layers,
+    load_model,
+    load_tokenizer,
+    student_layers,
+)
 from .logs import logger
 from .precision import PRECISIONS, dtype_name, quantized_copy, resolve_device, resolve_precision
 from .sampling import GroupSampler
@@ -101,6 +109,7 @@ class CrossEncoder(pt.Estimator):
         self.model.to(self.device).eval()
         self.tokenizer = load_tokenizer(tokenizer, self._name, trust_remote_code=trust_remote_code)
         check_tokenizer_fits(self.tokenizer, self.model, str(tokenizer if tokenizer is not None else self._name))
+        align_padding(self.tokenizer, self.model)
         # part of the identity when it is not the model's own tokenizer
         self._tokenizer_source = None if tokenizer is None else (
             os.fspath(tokenizer) if isinstance(tokenizer, (str, os.PathLike))

@@ -1,0 +1,60 @@
+"""Decoder-only rerankers (Qwen2, Llama) through AutoModelForSequenceClassification: padding
+handled so that a pair's score does not depend on its batch, and they learn a ranking task."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import _write_vocab
+from test_fit import ndcg, synthetic
+
+from pyterrier_ce import CrossEncoder
+
+
+def decoder_config(family: str) -> transformers.PretrainedConfig:
+    common = dict(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                  intermediate_size=64, max_position_embeddings=128, num_labels=1, pad_token_id=None)
+    return transformers.Qwen2Config(**common) if family == "qwen2" else transformers.LlamaConfig(**common)
+
+
+@pytest.fixture(scope="session", params=["qwen2", "llama"])
+def decoder_dir(request, tmp_path_factory):
+    """A random 2-layer decoder classifier whose config has no pad id, and a tokenizer without a
+    pad token (as many decoder tokenizers): its end-of-sequence token pads."""
+    folder = tmp_path_factory.mktemp(request.param)
+    tokenizer = transformers.BertTokenizerFast(vocab=str(_write_vocab(folder / "vocab.txt")), do_lower_case=True)
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.pad_token = None
+    torch.manual_seed(0)
+    config = decoder_config(request.param)
+    model = transformers.AutoModelForSequenceClassification.from_config(config)
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_pairs_score_does_not_depend_on_its_batch(decoder_dir):
+    ce = CrossEncoder(str(decoder_dir), max_length=32, verbose=False)
+    assert ce.tokenizer.pad_token == "[SEP]" and ce.model.config.pad_token_id == ce.tokenizer.pad_token_id
+    queries = ["the cat", "war", "the cat", "music film", "dog", "the cat"]
+    texts = ["a cat sat on the mat", "war", "the long text of many words here and there and more", "x",
+             "cat cat cat", "music"]
+    together = ce.score_pairs(queries, texts)
+    ce.batch_size = 1
+    alone = ce.score_pairs(queries, texts)
+    order = np.random.default_rng(0).permutation(len(queries))
+    ce.batch_size = 4
+    shuffled = ce.score_pairs([queries[i] for i in order], [texts[i] for i in order])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    np.testing.assert_allclose(together[order], shuffled, atol=1e-5)
+
+
+def test_decoders_learn_a_ranking_task(decoder_dir):
+    candidates, qrels = synthetic(40)
+    ce = CrossEncoder(str(decoder_dir), max_length=32, group_size=4, train_batch_size=4, lr=5e-3, epochs=12, seed=0,
+                      verbose=False)
+    before = ndcg(ce, candidates, qrels)
+    ce.fit(candidates, qrels)
+    assert ndcg(ce, candidates, qrels) > max(before + 0.2, 0.85)
