@@ -126,3 +126,23 @@ def teacher_scores(s: TrainingSettings, objective: torch.nn.Module, train: Union
     if text_field not in train.columns and text_source is not None and not isinstance(teacher, RunTeacher):
         train = text_source.add_texts(train, text_field)  # a scoring teacher reads the texts
     return teacher.scores(train)
+
+
+def checked_max_length(config, max_length: Optional[int], name: str = "max_length") -> int:
+    """``max_length`` checked against the model's position limit (default: 512 or the limit)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    roberta_like = ("roberta", "xlm-roberta", "camembert")
+    if limit is not None and getattr(config, "model_type", "") in roberta_like:
+        limit -= 2  # RoBERTa-style position ids start after the padding index
+    if max_length is None:
+        return min(512, limit) if limit is not None else 512
+    if isinstance(max_length, bool) or not isinstance(max_length, int):
+        raise ValueError(f"{name} must be a whole number of tokens, not {max_length!r}.")
+    if max_length < 8:
+        raise ValueError(f"{name}={max_length} leaves no room for a query and a text: pass 8 or more.")
+    if limit is not None and max_length > limit:
+        raise ValueError(
+            f"{name}={max_length} is beyond this model's limit of {limit} tokens: "
+            f"pass {name}={limit} or less."
+        )
+    return max_length

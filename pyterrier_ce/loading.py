@@ -10,6 +10,8 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from .lora import is_adapter_folder, load_adapter_folder
+
 ModelLike = Union[str, os.PathLike, PreTrainedModel]
 
 HEAD_SEED = 0
@@ -59,6 +61,9 @@ def _load(model: ModelLike, *, trust_remote_code: bool,
             f"not {type(model).__name__}."
         )
     name = os.path.expanduser(os.fspath(model))
+    if is_adapter_folder(name):  # LoRA adapters saved by pyterrier-ce (or peft) over a base model
+        return load_adapter_folder(name, lambda base: _load(base, trust_remote_code=trust_remote_code,
+                                                             torch_dtype=torch_dtype))
     _refuse_pickled_weights(name)
     config = load_config(name, trust_remote_code=trust_remote_code)
     # Only safetensors: a pickled pytorch_model.bin can run code when it is loaded.

@@ -17,7 +17,15 @@ from .batching import UntokenizablePair, as_strings
 from .candidates import Candidates
 from .history import TrainingLog
 from .identity import folder_fingerprint
-from .inputs import candidates, check_result_frame, check_values, judgements, teacher_scores, validation_judgements
+from .inputs import (
+    candidates,
+    check_result_frame,
+    check_values,
+    checked_max_length,
+    judgements,
+    teacher_scores,
+    validation_judgements,
+)
 from .loading import (
     ModelLike,
     align_padding,
@@ -28,6 +36,7 @@ from .loading import (
     student_layers,
 )
 from .logs import logger
+from .lora import add_lora, check_lora, lora_wrapper, merged
 from .precision import PRECISIONS, dtype_name, quantized_copy, resolve_device, resolve_precision
 from .sampling import GroupSampler
 from .saving import save_model_folder, saved_settings
@@ -117,7 +126,8 @@ class CrossEncoder(pt.Estimator):
         self.batch_size = batch_size
         # a model saved by save_pretrained scores as it did before, whichever way it is loaded
         saved = saved_settings(self.model.config)
-        self.max_length = self._check_max_length(max_length if max_length is not None else saved.get("max_length"))
+        max_length = saved.get("max_length") if max_length is None else max_length
+        self.max_length = checked_max_length(self.model.config, max_length)
         self.text_field = text_field or saved.get("text_field") or "text"
         self.precision = precision
         self.verbose = verbose
@@ -135,24 +145,6 @@ class CrossEncoder(pt.Estimator):
         # The model this one started from, kept through training: what a resumed run must start from too.
         self._origin = {k: v for k, v in self.identity_key().items()
                         if k in ("model", "layers", "weights", "tokenizer")}
-
-    def _check_max_length(self, max_length: Optional[int], name: str = "max_length") -> int:
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        roberta_like = ("roberta", "xlm-roberta", "camembert")
-        if limit is not None and getattr(self.model.config, "model_type", "") in roberta_like:
-            limit -= 2  # RoBERTa-style position ids start after the padding index
-        if max_length is None:
-            return min(512, limit) if limit is not None else 512
-        if isinstance(max_length, bool) or not isinstance(max_length, int):
-            raise ValueError(f"{name} must be a whole number of tokens, not {max_length!r}.")
-        if max_length < 8:
-            raise ValueError(f"{name}={max_length} leaves no room for a query and a text: pass 8 or more.")
-        if limit is not None and max_length > limit:
-            raise ValueError(
-                f"{name}={max_length} is beyond this model's limit of {limit} tokens: "
-                f"pass {name}={limit} or less."
-            )
-        return max_length
 
     # -- identity ---------------------------------------------------------------------------
 
@@ -320,7 +312,7 @@ class CrossEncoder(pt.Estimator):
         s = self.settings.updated(**settings)
         s.check_complete()
         if s.train_max_length is not None:
-            self._check_max_length(s.train_max_length, "train_max_length")
+            checked_max_length(self.model.config, s.train_max_length, "train_max_length")
         text_source = None if s.text_source is None else as_text_source(s.text_source, self.text_field)
         train = candidates(train, s.first_stage, self.text_field, "train", text_source)
         train_qrels = judgements(train_qrels, "train_qrels")
@@ -337,6 +329,9 @@ class CrossEncoder(pt.Estimator):
             valid_qrels = validation_judgements(judgements(valid_qrels, "valid_qrels"), valid)
             validator = training.Validator(valid, valid_qrels, s.eval_metric, self._scores_of(valid), s.patience)
         objective = objectives.get(s.objective, **s.objective_params)
+        lora = check_lora(s.lora)
+        if lora is not None and lora_wrapper(self.model) is None:
+            self.model = add_lora(self.model, lora)  # adapters and head trainable, the rest frozen
         sampler = GroupSampler(train, train_qrels, group_size=s.group_size, negatives=s.negatives, seed=s.seed,
                                text_field=self.text_field, text_source=text_source,
                                teacher_scores=teacher_scores(s, objective, train, text_source, self.text_field))
@@ -373,18 +368,24 @@ class CrossEncoder(pt.Estimator):
 
         return score
 
+    def merge_lora(self) -> "CrossEncoder":
+        """Folds trained LoRA adapters into the weights: a plain model (sentence-transformers loads it)."""
+        if lora_wrapper(self.model) is None:
+            raise ValueError("This reranker has no LoRA adapters to merge (train with lora=... first).")
+        self.model = merged(self.model)
+        return self
+
     # -- saving and loading -----------------------------------------------------------------
 
     def save_pretrained(self, path: Union[str, os.PathLike]) -> None:
-        """Writes a plain Hugging Face folder (safetensors weights, config, tokenizer).
+        """Writes a plain Hugging Face folder (safetensors weights, config, tokenizer), or with
+        LoRA adapters a peft adapter folder (see :mod:`pyterrier_ce.lora`).
 
-        ``transformers.AutoModelForSequenceClassification``, sentence-transformers'
-        ``CrossEncoder`` and :meth:`from_pretrained` all load it and score the same raw logits.
-        As Hugging Face's ``save_pretrained`` does, only the model's own files are written, each
-        under a temporary name and renamed into place (so a crash never leaves half a file);
-        anything else in ``path`` (notes, runs, checkpoints) is left alone, and weight shards of
-        an earlier save that this one does not write are removed. In a multi-process run
-        (``accelerate launch``) only the main process writes; the others return at once.
+        transformers, sentence-transformers' ``CrossEncoder`` and :meth:`from_pretrained` load
+        it and score the same raw logits. Only the model's own files are written, each under a
+        temporary name renamed into place (a crash never leaves half a file); anything else in
+        ``path`` is left alone, and weight files of an earlier save that this one does not write
+        are removed. Under ``accelerate launch`` only the main process writes.
         """
         if not processes.is_main():
             return  # under accelerate launch, the main process writes the one copy

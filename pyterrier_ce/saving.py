@@ -16,13 +16,16 @@ from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from .atomic import save_files
 from .loading import quiet_transformers
+from .lora import ADAPTER_CONFIG, lora_wrapper, write_adapter_files
 
 # Written into config.json so that sentence-transformers' CrossEncoder returns raw logits, as we do.
 _ST_CONFIG = {"activation_fn": "torch.nn.modules.linear.Identity"}
 # Our own settings, kept in config.json so that loading restores them.
 _CONFIG_KEY = "pyterrier_ce"
 # The weight files a save writes (one file, or shards and their index): what an earlier save left.
-_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?|adapter_model\.safetensors|"
+                          r"adapter_config\.json|pyterrier_ce\.json")
+_MODEL_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?|config\.json")
 
 
 def saved_settings(config: PreTrainedConfig) -> Dict[str, Any]:
@@ -32,12 +35,17 @@ def saved_settings(config: PreTrainedConfig) -> Dict[str, Any]:
 
 def write_model_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path, *,
                       max_length: int, text_field: str) -> None:
-    """Writes the model's and tokenizer's files into ``folder`` (as it is: not atomically)."""
+    """Writes the model's and tokenizer's files into ``folder`` (as it is: not atomically); a
+    model with LoRA adapters as a peft adapter folder (see :mod:`.lora`)."""
     config = model.config
-    config.sentence_transformers = dict(_ST_CONFIG)
-    setattr(config, _CONFIG_KEY, {"max_length": max_length, "text_field": text_field})
-    with quiet_transformers():  # no "Writing model shards" bar per save
-        model.save_pretrained(folder, safe_serialization=True)
+    settings = {"max_length": max_length, "text_field": text_field}
+    setattr(config, _CONFIG_KEY, settings)
+    if lora_wrapper(model) is not None:
+        write_adapter_files(model, folder, settings)
+    else:
+        config.sentence_transformers = dict(_ST_CONFIG)
+        with quiet_transformers():  # no "Writing model shards" bar per save
+            model.save_pretrained(folder, safe_serialization=True)
     tokenizer.model_max_length = max_length
     tokenizer.save_pretrained(folder)
 
@@ -50,8 +58,12 @@ def save_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     def write(folder: Path) -> None:
         write_model_files(model, tokenizer, folder, max_length=max_length, text_field=text_field)
 
-    # config.json last: loaders read it first, so it is the last file a crash could leave old
-    save_files(path, write, last=["config.json"], stale=_WEIGHT_FILE.fullmatch)
+    # config.json (adapter_config.json) last: loaders read it first, so it is the last file a crash
+    # could leave old; the files of the other kind of save (a whole model, an adapter) are stale
+    if lora_wrapper(model) is not None:
+        save_files(path, write, last=[ADAPTER_CONFIG], stale=_MODEL_FILE.fullmatch)
+    else:
+        save_files(path, write, last=["config.json"], stale=_WEIGHT_FILE.fullmatch)
 
 
 def load_weights(folder: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:

@@ -13,6 +13,8 @@ from typing import Any, Dict, Optional, Union
 
 from torch import nn
 
+from .lora import check_lora
+
 
 @dataclass
 class TrainingSettings:
@@ -58,6 +60,11 @@ class TrainingSettings:
             compute and activation memory of one layer instead of all, for long inputs and
             large models. (Without it, a micro-batch that runs out of memory is already split
             and, at one pair per pass, recomputed: see the memory options in the README.)
+        lora: Train LoRA adapters (peft) and the head instead of every weight: ``True`` for
+            rank 16, alpha 32, dropout 0.05 on every linear layer, or a mapping of ``r``,
+            ``alpha``, ``dropout``, ``target_modules`` (see :mod:`pyterrier_ce.lora`). The model
+            keeps its adapters after ``fit``; ``save_pretrained`` writes an adapter folder and
+            ``merge_lora()`` folds them into the weights.
         seed: Seeds the sampling, the dropout and the head.
         eval_every: Validate every this many optimiser steps (``None``: at the end of each epoch).
         eval_metric: An ir_measures name, e.g. ``"nDCG@10"`` or ``"RR(rel=2)@10"``.
@@ -100,6 +107,7 @@ class TrainingSettings:
     max_grad_norm: Optional[float] = 1.0
     train_precision: Optional[str] = None
     gradient_checkpointing: bool = False
+    lora: Any = None
     seed: int = 42
     eval_every: Optional[int] = None
     eval_metric: str = "nDCG@10"
@@ -135,6 +143,7 @@ class TrainingSettings:
 
     def check(self) -> None:
         """Refuses values that cannot train."""
+        check_lora(self.lora)
         for name in ("group_size", "train_batch_size", "grad_accum_steps", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}.")

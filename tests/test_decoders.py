@@ -58,3 +58,17 @@ def test_decoders_learn_a_ranking_task(decoder_dir):
     before = ndcg(ce, candidates, qrels)
     ce.fit(candidates, qrels)
     assert ndcg(ce, candidates, qrels) > max(before + 0.2, 0.85)
+
+
+def test_decoders_train_with_lora_and_reload_with_the_same_scores(decoder_dir, tmp_path):
+    pytest.importorskip("peft")
+    candidates, qrels = synthetic(40)
+    ce = CrossEncoder(str(decoder_dir), max_length=32, group_size=4, train_batch_size=4, lr=5e-3, epochs=12, seed=0,
+                      lora={"r": 8, "alpha": 16, "dropout": 0.0}, gradient_checkpointing=True, verbose=False)
+    before = ndcg(ce, candidates, qrels)
+    ce.fit(candidates, qrels)
+    assert ndcg(ce, candidates, qrels) > before + 0.2
+    ce.save_pretrained(tmp_path / "adapter")
+    again = CrossEncoder(str(tmp_path / "adapter"), verbose=False)
+    sample = candidates.head(12)
+    np.testing.assert_allclose(again(sample)["score"].to_numpy(), ce(sample)["score"].to_numpy(), atol=1e-5)

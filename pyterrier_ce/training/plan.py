@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from ..lora import check_lora
 from ..precision import dtype_name, resolve_precision
 from ..settings import TrainingSettings, resolve_lrs
 
@@ -49,6 +50,8 @@ class TrainingPlan:
     precision: str  # "fp32", "bf16" or "fp16": the compute dtype of forward passes
     #: Recompute each layer's activations in the backward pass (the same gradients, less memory).
     gradient_checkpointing: bool
+    #: LoRA settings (None: every weight trains).
+    lora: Optional[Dict[str, Any]]
     # validation and checkpoints
     eval_every: Optional[int]
     eval_metric: str
@@ -74,6 +77,7 @@ class TrainingPlan:
             "layer_decay": self.layer_decay, "frozen_layers": self.frozen_layers, "dropout": self.dropout,
             "attention_dropout": self.attention_dropout, "max_grad_norm": self.max_grad_norm,
             "precision": self.precision, "total_steps": self.total_steps, "groups_per_step": self.groups_per_step,
+            **({"lora": self.lora} if self.lora else {}),
         }
         return json.loads(json.dumps(record, default=str))  # as it reads back from the file
 
@@ -112,7 +116,7 @@ def plan_training(settings: TrainingSettings, *, objective: torch.nn.Module, gro
         weight_decay=s.weight_decay, layer_decay=s.layer_decay, max_grad_norm=s.max_grad_norm,
         frozen_layers=s.frozen_layers, dropout=s.dropout, attention_dropout=s.attention_dropout,
         precision=dtype_name(resolve_precision(precision, device, training=True)),
-        gradient_checkpointing=s.gradient_checkpointing,
+        gradient_checkpointing=s.gradient_checkpointing, lora=check_lora(s.lora),
         eval_every=s.eval_every, eval_metric=s.eval_metric, patience=s.patience, checkpoint_dir=checkpoint_dir,
         checkpoint_every=s.checkpoint_every, resume=s.resume, log_file=Path(log_file) if log_file else None,
         origin=origin,
