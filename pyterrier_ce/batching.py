@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .prompts import tokenize_prompts
+
 
 def as_strings(column) -> List[str]:
     """A column's values as Python strings. Not through pandas' string dtype, which (Arrow-backed)
@@ -38,8 +40,10 @@ def tokenize_pairs(
     queries: Sequence[str],
     texts: Sequence[str],
     max_length: int,
+    template: Optional[str] = None,
 ) -> Dict[str, List[List[int]]]:
-    """Tokenises pairs jointly (``[CLS] query [SEP] text [SEP]``) without padding.
+    """Tokenises pairs jointly (``[CLS] query [SEP] text [SEP]``) without padding; with a
+    ``template``, each pair rendered into it as one sequence (see :mod:`.prompts`).
 
     Truncation is longest-first within ``max_length`` tokens, as in sentence-transformers, so
     scores match a model saved from here and loaded there. A pair that cannot be tokenised is an
@@ -54,6 +58,8 @@ def tokenize_pairs(
     queries = [q[:limit] if isinstance(q, str) and len(q) > limit else q for q in queries]
     texts = [t[:limit] if isinstance(t, str) and len(t) > limit else t for t in texts]
     try:
+        if template is not None:
+            return tokenize_prompts(tokenizer, template, queries, texts, max_length)
         return tokenizer(queries, texts, truncation=True, max_length=max_length, padding=False,
                          return_attention_mask=False).data
     except (TypeError, ValueError, UnicodeError) as err:

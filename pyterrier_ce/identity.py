@@ -15,6 +15,8 @@ import json
 import os
 from typing import Any, Optional
 
+import torch
+
 
 def identity_of(transformer: Any) -> Optional[Any]:
     """A JSON-able value naming exactly what ``transformer`` computes, or ``None`` when unknown."""
@@ -60,3 +62,12 @@ def digest(value: Any, length: int = 16) -> str:
     """A short hex digest of a JSON-able value (stable across processes and runs)."""
     text = json.dumps(value, sort_keys=True, default=str)
     return hashlib.blake2b(text.encode(), digest_size=length // 2).hexdigest()
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A short hash of a model's weights (names and bytes; changes whenever training changes them)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
+import torch
 from transformers import PreTrainedModel
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -53,12 +54,15 @@ def _peft():
     return peft
 
 
-def add_lora(model: PreTrainedModel, lora: Dict[str, Any]) -> PreTrainedModel:
-    """``model`` with LoRA adapters injected (in place) and only they and the head trainable."""
+def add_lora(model: PreTrainedModel, lora: Dict[str, Any], seed: int) -> PreTrainedModel:
+    """``model`` with LoRA adapters injected (in place) and only they and the head trainable; the
+    adapters' initialisation seeded, so a seed means one run whatever ran before."""
     peft = _peft()
     config = peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=int(lora["r"]), lora_alpha=float(lora["alpha"]),
                              lora_dropout=float(lora["dropout"]), target_modules=lora["target_modules"])
-    wrapper = peft.get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        wrapper = peft.get_peft_model(model, config)
     return _attached(wrapper)
 
 

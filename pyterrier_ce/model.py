@@ -1,7 +1,6 @@
 """``CrossEncoder``: a transformer cross-encoder as a PyTerrier reranker and estimator."""
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from typing import Any, Dict, Optional, Union
@@ -16,7 +15,7 @@ from . import objectives, processes, training
 from .batching import UntokenizablePair, as_strings
 from .candidates import Candidates
 from .history import TrainingLog
-from .identity import folder_fingerprint
+from .identity import folder_fingerprint, weights_digest
 from .inputs import (
     candidates,
     check_result_frame,
@@ -38,6 +37,7 @@ from .loading import (
 from .logs import logger
 from .lora import add_lora, check_lora, lora_wrapper, merged
 from .precision import PRECISIONS, dtype_name, quantized_copy, resolve_device, resolve_precision
+from .prompts import check_template
 from .sampling import GroupSampler
 from .saving import save_model_folder, saved_settings
 from .scoring import CompiledModel, ranked, score_pairs
@@ -66,6 +66,8 @@ class CrossEncoder(pt.Estimator):
             :meth:`save_pretrained`, else the model's limit, at most 512).
         text_field: The column holding the document text (default: the one saved with the model
             by :meth:`save_pretrained`, else ``"text"``).
+        template: Read each pair as one prompt, e.g. ``"query: {query} document: {text}"`` (LLM
+            rerankers; see :mod:`pyterrier_ce.prompts`); saved with the model. Default: two segments.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...; ``None`` picks CUDA when present.
         precision: ``"auto"`` (bf16/fp16 on GPU, fp32 on CPU), ``"fp32"``, ``"bf16"``, ``"fp16"``,
             or ``"int8"``: opt-in faster CPU scoring with dynamically quantised linear layers
@@ -92,6 +94,7 @@ class CrossEncoder(pt.Estimator):
         batch_size: int = 32,
         max_length: Optional[int] = None,
         text_field: Optional[str] = None,
+        template: Optional[str] = None,
         device: Optional[Union[str, torch.device]] = None,
         precision: str = "auto",
         verbose: bool = True,
@@ -129,6 +132,7 @@ class CrossEncoder(pt.Estimator):
         max_length = saved.get("max_length") if max_length is None else max_length
         self.max_length = checked_max_length(self.model.config, max_length)
         self.text_field = text_field or saved.get("text_field") or "text"
+        self.template = check_template(template if template is not None else saved.get("template"))
         self.precision = precision
         self.verbose = verbose
         self.trust_remote_code = trust_remote_code
@@ -150,11 +154,7 @@ class CrossEncoder(pt.Estimator):
 
     def weights_fingerprint(self) -> str:
         """A short hash of the model's weights (changes whenever training changes them)."""
-        digest = hashlib.blake2b(digest_size=8)
-        for name, tensor in sorted(self.model.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
+        return weights_digest(self.model)
 
     def identity_key(self) -> Dict[str, Any]:
         """What this reranker computes: the one identity behind ``==``, ``hash``, ``repr`` and
@@ -162,7 +162,7 @@ class CrossEncoder(pt.Estimator):
 
         The model (name, kept layers, weights: a built or trained model's own weights, a local
         folder's weight files as they are now), the tokenizer when it is not the model's, and
-        what changes scores: ``max_length``, ``text_field`` and the scoring precision.
+        what changes scores: ``max_length``, ``text_field``, ``template`` and the scoring precision.
         """
         return {
             "model": self._name,
@@ -171,6 +171,7 @@ class CrossEncoder(pt.Estimator):
             "tokenizer": self._tokenizer_source,
             "max_length": self.max_length,
             "text_field": self.text_field,
+            "template": self.template,
             "precision": self._scoring_precision(),
         }
 
@@ -186,7 +187,7 @@ class CrossEncoder(pt.Estimator):
     def __repr__(self) -> str:
         key = self.identity_key()
         shown = [repr(key.pop("model"))]
-        defaults = {"layers": None, "weights": None, "tokenizer": None, "text_field": "text"}
+        defaults = {"layers": None, "weights": None, "tokenizer": None, "text_field": "text", "template": None}
         shown += [f"{k}={v!r}" if isinstance(v, str) and k != "weights" else f"{k}={v}"
                   for k, v in key.items() if k not in defaults or v != defaults[k]]
         return f"CrossEncoder({', '.join(shown)})"
@@ -223,19 +224,10 @@ class CrossEncoder(pt.Estimator):
     def score_pairs(self, queries, texts, *, desc: str = "CrossEncoder") -> np.ndarray:
         """Raw scores of (query, text) pairs, in input order (see :func:`scoring.score_pairs`)."""
         model = self._scoring_model()
-        return score_pairs(
-            model,
-            self.tokenizer,
-            queries,
-            texts,
-            batch_size=self.batch_size,
-            max_length=self.max_length,
-            device=self.device,
-            precision=self.precision,
-            verbose=self.verbose,
-            desc=desc,
-            forward=self._compiled(model) if self.compile_model else None,
-        )
+        return score_pairs(model, self.tokenizer, queries, texts, batch_size=self.batch_size,
+                           max_length=self.max_length, device=self.device, precision=self.precision,
+                           verbose=self.verbose, desc=desc,
+                           forward=self._compiled(model) if self.compile_model else None, template=self.template)
 
     def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
         """Scores and ranks a result frame (qid, query, docno, text).
@@ -331,14 +323,14 @@ class CrossEncoder(pt.Estimator):
         objective = objectives.get(s.objective, **s.objective_params)
         lora = check_lora(s.lora)
         if lora is not None and lora_wrapper(self.model) is None:
-            self.model = add_lora(self.model, lora)  # adapters and head trainable, the rest frozen
+            self.model = add_lora(self.model, lora, s.seed)  # adapters and head trainable, the rest frozen
         sampler = GroupSampler(train, train_qrels, group_size=s.group_size, negatives=s.negatives, seed=s.seed,
                                text_field=self.text_field, text_source=text_source,
                                teacher_scores=teacher_scores(s, objective, train, text_source, self.text_field))
         plan = training.plan_training(
             s, objective=objective, groups=len(sampler), processes=processes.world_size(),
             max_length=s.train_max_length or self.max_length, precision=s.train_precision or self.precision,
-            device=self.device, origin=self._origin)
+            device=self.device, origin=self._origin, template=self.template)
         self.history = TrainingLog(plan.log_file if processes.is_main() else None)
         if self.verbose and processes.is_main():
             left_out = (f"; {plan.left_out_per_epoch} groups of each epoch left out, so that each of "
@@ -348,7 +340,7 @@ class CrossEncoder(pt.Estimator):
             self.model = training.train(
                 self.model, self.tokenizer, plan, sampler, device=self.device, log=self.history, validator=validator,
                 save_model=lambda model, path: save_model_folder(
-                    model, self.tokenizer, path, max_length=self.max_length, text_field=self.text_field),
+                    model, self.tokenizer, path, self._settings_to_save()),
                 progress=self.verbose)
         finally:
             # Whatever happened, these weights are no longer the pretrained ones; under several
@@ -364,7 +356,8 @@ class CrossEncoder(pt.Estimator):
         def score(model: torch.nn.Module) -> np.ndarray:
             # int8 scoring quantises a copy; validation scores the trained weights themselves, in fp32
             return score_pairs(model, self.tokenizer, queries, texts, batch_size=self.batch_size,
-                               max_length=self.max_length, precision=self.precision, verbose=False)
+                               max_length=self.max_length, precision=self.precision, verbose=False,
+                               template=self.template)
 
         return score
 
@@ -389,13 +382,18 @@ class CrossEncoder(pt.Estimator):
         """
         if not processes.is_main():
             return  # under accelerate launch, the main process writes the one copy
-        save_model_folder(self.model, self.tokenizer, path, max_length=self.max_length, text_field=self.text_field)
+        save_model_folder(self.model, self.tokenizer, path, self._settings_to_save())
+
+    def _settings_to_save(self) -> Dict[str, Any]:
+        """What a saved folder restores: max_length, text_field and the template (when set)."""
+        template = {"template": self.template} if self.template else {}
+        return {"max_length": self.max_length, "text_field": self.text_field, **template}
 
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], **kwargs: Any) -> "CrossEncoder":
         """Loads a folder written by :meth:`save_pretrained` (or any Hugging Face model).
 
-        Settings saved with the model (``max_length``, ``text_field``) are restored unless given
+        Settings saved with the model (``max_length``, ``text_field``, ``template``) are restored unless given
         in ``kwargs``, as by the constructor itself.
         """
         return cls(path, **kwargs)

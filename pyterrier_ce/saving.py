@@ -1,6 +1,6 @@
 """The saved model folder: a plain Hugging Face folder (safetensors weights, config, tokenizer)
 that this package, transformers and sentence-transformers load alike, with the reranker's own
-settings (``max_length``, ``text_field``) in its config. One writer and one reader for every
+settings (``max_length``, ``text_field``, ``template``) in its config. One writer and one reader for every
 path that saves or loads a model (``save_pretrained``, the best validated model, checkpoints)."""
 from __future__ import annotations
 
@@ -29,16 +29,15 @@ _MODEL_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?|
 
 
 def saved_settings(config: PreTrainedConfig) -> Dict[str, Any]:
-    """The reranker settings a folder was saved with (``max_length``, ``text_field``), or ``{}``."""
+    """The reranker settings a folder was saved with (``max_length``, ``text_field``, ``template``), or ``{}``."""
     return dict(getattr(config, _CONFIG_KEY, None) or {})
 
 
-def write_model_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path, *,
-                      max_length: int, text_field: str) -> None:
+def write_model_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path,
+                      settings: Dict[str, Any]) -> None:
     """Writes the model's and tokenizer's files into ``folder`` (as it is: not atomically); a
     model with LoRA adapters as a peft adapter folder (see :mod:`.lora`)."""
     config = model.config
-    settings = {"max_length": max_length, "text_field": text_field}
     setattr(config, _CONFIG_KEY, settings)
     if lora_wrapper(model) is not None:
         write_adapter_files(model, folder, settings)
@@ -46,17 +45,17 @@ def write_model_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         config.sentence_transformers = dict(_ST_CONFIG)
         with quiet_transformers():  # no "Writing model shards" bar per save
             model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.model_max_length = max_length
+    tokenizer.model_max_length = settings["max_length"]
     tokenizer.save_pretrained(folder)
 
 
-def save_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Union[str, os.PathLike], *,
-                      max_length: int, text_field: str) -> None:
+def save_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Union[str, os.PathLike],
+                      settings: Dict[str, Any]) -> None:
     """Saves a model folder at ``path``: each of the model's files atomically, anything else in the
     folder left alone (see :func:`atomic.save_files`); weight shards of an earlier save that this
     one does not write are removed."""
     def write(folder: Path) -> None:
-        write_model_files(model, tokenizer, folder, max_length=max_length, text_field=text_field)
+        write_model_files(model, tokenizer, folder, settings)
 
     # config.json (adapter_config.json) last: loaders read it first, so it is the last file a crash
     # could leave old; the files of the other kind of save (a whole model, an adapter) are stale

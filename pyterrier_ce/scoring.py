@@ -108,8 +108,10 @@ def score_pairs(
     verbose: bool = False,
     desc: str = "scoring",
     forward: Optional[Callable[..., Any]] = None,
+    template: Optional[str] = None,
 ) -> np.ndarray:
-    """Scores each (query, text) pair with ``model``'s single logit.
+    """Scores each (query, text) pair with ``model``'s single logit (rendered into ``template``
+    when given: see :mod:`.prompts`).
 
     A batch that runs out of memory is split in halves, each retried (down to single pairs), and
     the smaller batch size is kept for the rest of the call; one warning then names it.
@@ -150,7 +152,7 @@ def score_pairs(
     def tokenize(start: int) -> Dict[str, List[List[int]]]:
         try:
             return tokenize_pairs(tokenizer, queries[start:start + CHUNK_SIZE], texts[start:start + CHUNK_SIZE],
-                                  max_length)
+                                  max_length, template=template)
         except UntokenizablePair as err:
             raise err.at(start + err.index) from None
 

@@ -134,9 +134,9 @@ def test_chunks_are_tokenised_in_the_background_and_scores_keep_their_order(tiny
     real_tokenize = scoring.tokenize_pairs
     threads = []
 
-    def spy(tokenizer, q, t, max_length):
+    def spy(tokenizer, q, t, max_length, **kwargs):
         threads.append(threading.current_thread() is threading.main_thread())
-        return real_tokenize(tokenizer, q, t, max_length)
+        return real_tokenize(tokenizer, q, t, max_length, **kwargs)
 
     monkeypatch.setattr(scoring, "tokenize_pairs", spy)
     monkeypatch.setattr(scoring, "CHUNK_SIZE", 5)
@@ -155,10 +155,10 @@ def test_the_next_chunk_is_tokenised_while_the_current_one_is_scored(tiny_model_
     second_chunk_started = threading.Event()
     waited = []
 
-    def tokenize(tokenizer, q, t, max_length):
+    def tokenize(tokenizer, q, t, max_length, **kwargs):
         if q[0] == queries[5]:
             second_chunk_started.set()
-        return real_tokenize(tokenizer, q, t, max_length)
+        return real_tokenize(tokenizer, q, t, max_length, **kwargs)
 
     def forward(self, **kwargs):
         if not waited:  # the first batch: the second chunk must be under way meanwhile
@@ -176,10 +176,10 @@ def test_a_tokenisation_error_in_the_background_propagates(tiny_model_dir, monke
     ce = CrossEncoder(str(tiny_model_dir), batch_size=4, max_length=64, device="cpu")
     real_tokenize = scoring.tokenize_pairs
 
-    def failing(tokenizer, q, t, max_length):
+    def failing(tokenizer, q, t, max_length, **kwargs):
         if q[0] == queries[10]:
             raise ValueError("cannot tokenise chunk 3")
-        return real_tokenize(tokenizer, q, t, max_length)
+        return real_tokenize(tokenizer, q, t, max_length, **kwargs)
 
     monkeypatch.setattr(scoring, "tokenize_pairs", failing)
     monkeypatch.setattr(scoring, "CHUNK_SIZE", 5)

@@ -54,7 +54,7 @@ def test_an_adapter_folder_reloads_here_and_in_transformers_with_the_same_scores
                           return_tensors="pt")
     with torch.no_grad():
         logits = model(**inputs).logits[:, 0].numpy()
-    np.testing.assert_allclose(logits, expected, atol=1e-5)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)  # other padding: rounding apart
 
 
 def test_merged_adapters_make_a_plain_model_sentence_transformers_loads(trained, tmp_path):

@@ -7,7 +7,7 @@ import itertools
 import threading
 from dataclasses import dataclass
 from queue import Full, Queue
-from typing import Any, Dict, Iterator, List, Tuple, TypeVar
+from typing import Any, Dict, Iterator, List, Optional, Tuple, TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -34,7 +34,8 @@ class MicroBatch:
         return [g.qid for g in self.groups]
 
 
-def collate(groups: List[Group], tokenizer: PreTrainedTokenizerBase, max_length: int) -> MicroBatch:
+def collate(groups: List[Group], tokenizer: PreTrainedTokenizerBase, max_length: int,
+            template: Optional[str] = None) -> MicroBatch:
     """Tokenises the real pairs of ``groups`` (unpadded); puts their targets in a padded tensor."""
     texts_of = [g.texts for g in groups]
     if any(texts is None for texts in texts_of):
@@ -42,7 +43,7 @@ def collate(groups: List[Group], tokenizer: PreTrainedTokenizerBase, max_length:
     width = max(len(g.docnos) for g in groups)
     queries = [g.query for g in groups for _ in g.docnos]
     texts = [t for texts in texts_of for t in (texts or [])]
-    encoded = tokenize_pairs(tokenizer, queries, texts, max_length)
+    encoded = tokenize_pairs(tokenizer, queries, texts, max_length, template)
     targets = torch.zeros(len(groups), width)
     mask = torch.zeros(len(groups), width, dtype=torch.bool)
     for i, g in enumerate(groups):

@@ -52,6 +52,8 @@ class TrainingPlan:
     gradient_checkpointing: bool
     #: LoRA settings (None: every weight trains).
     lora: Optional[Dict[str, Any]]
+    #: The reranker's prompt template (None: pairs as two segments).
+    template: Optional[str]
     # validation and checkpoints
     eval_every: Optional[int]
     eval_metric: str
@@ -77,13 +79,14 @@ class TrainingPlan:
             "layer_decay": self.layer_decay, "frozen_layers": self.frozen_layers, "dropout": self.dropout,
             "attention_dropout": self.attention_dropout, "max_grad_norm": self.max_grad_norm,
             "precision": self.precision, "total_steps": self.total_steps, "groups_per_step": self.groups_per_step,
-            **({"lora": self.lora} if self.lora else {}),
+            **({"lora": self.lora} if self.lora else {}), **({"template": self.template} if self.template else {}),
         }
         return json.loads(json.dumps(record, default=str))  # as it reads back from the file
 
 
 def plan_training(settings: TrainingSettings, *, objective: torch.nn.Module, groups: int, processes: int,
-                  max_length: int, precision: str, device: torch.device, origin: Dict[str, Any]) -> TrainingPlan:
+                  max_length: int, precision: str, device: torch.device, origin: Dict[str, Any],
+                  template: Optional[str] = None) -> TrainingPlan:
     """Resolves ``settings`` for a run over ``groups`` query groups an epoch on ``processes``
     processes.
 
@@ -116,7 +119,7 @@ def plan_training(settings: TrainingSettings, *, objective: torch.nn.Module, gro
         weight_decay=s.weight_decay, layer_decay=s.layer_decay, max_grad_norm=s.max_grad_norm,
         frozen_layers=s.frozen_layers, dropout=s.dropout, attention_dropout=s.attention_dropout,
         precision=dtype_name(resolve_precision(precision, device, training=True)),
-        gradient_checkpointing=s.gradient_checkpointing, lora=check_lora(s.lora),
+        gradient_checkpointing=s.gradient_checkpointing, lora=check_lora(s.lora), template=template,
         eval_every=s.eval_every, eval_metric=s.eval_metric, patience=s.patience, checkpoint_dir=checkpoint_dir,
         checkpoint_every=s.checkpoint_every, resume=s.resume, log_file=Path(log_file) if log_file else None,
         origin=origin,

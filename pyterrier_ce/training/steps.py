@@ -126,7 +126,7 @@ class StepRunner:
         total = 0.0
         bad = None  # (micro-batch, loss, qids) of the first non-finite loss of this process
         for i, groups in enumerate(micro):
-            batch = collate(groups, self.tokenizer, self.plan.max_length)
+            batch = collate(groups, self.tokenizer, self.plan.max_length, self.plan.template)
             targets, mask = batch.targets.to(self.device), batch.mask.to(self.device)
             self._phase = "forward"
             if self.recompute:
