@@ -10,6 +10,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from . import pooled  # noqa: F401  (registers heads for recurrent backbones)
 from .lora import is_adapter_folder, load_adapter_folder
 
 ModelLike = Union[str, os.PathLike, PreTrainedModel]

@@ -2,9 +2,10 @@
 
 ``fit(lora=True)`` (or ``lora={"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": [...]}``)
 injects low-rank adapters into every linear layer of the backbone (``"all-linear"``: attention
-and feed-forward; the output head excluded) and trains them with the one-logit head, which is
-trained and saved whole (peft's ``modules_to_save``), as ranking needs a new head. The rest of
-the weights stay frozen, so AdamW holds state for about 1% of the parameters.
+and feed-forward, the output head excluded; for Mamba its input, state and step projections)
+and trains them with the one-logit head, which is trained and saved whole (peft's
+``modules_to_save``), as ranking needs a new head. The rest of the weights stay frozen, so
+AdamW holds state for about 1% of the parameters of a large model.
 
 The model the reranker runs and trains is the transformers model with the adapters injected, so
 every other part of the library (scoring, the [CLS]-only last layer, checkpoints) sees the names
@@ -28,7 +29,11 @@ from transformers import PreTrainedModel
 ADAPTER_CONFIG = "adapter_config.json"
 SETTINGS_FILE = "pyterrier_ce.json"
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
-DEFAULTS = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
+DEFAULTS = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": None}  # None: the family's
+# Where adapters go by default: every linear layer but the head, except where peft cannot adapt
+# some (a recurrent model's convolution and output projection).
+FAMILY_TARGETS = {"mamba": ["in_proj", "x_proj", "dt_proj"], "falcon_mamba": ["in_proj", "x_proj", "dt_proj"],
+                  "mamba2": ["in_proj"]}
 _WRAPPER = "_pyterrier_ce_peft"  # the peft wrapper, beside (not inside) the transformers model
 
 
@@ -58,8 +63,9 @@ def add_lora(model: PreTrainedModel, lora: Dict[str, Any], seed: int) -> PreTrai
     """``model`` with LoRA adapters injected (in place) and only they and the head trainable; the
     adapters' initialisation seeded, so a seed means one run whatever ran before."""
     peft = _peft()
+    targets = lora["target_modules"] or FAMILY_TARGETS.get(getattr(model.config, "model_type", ""), "all-linear")
     config = peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=int(lora["r"]), lora_alpha=float(lora["alpha"]),
-                             lora_dropout=float(lora["dropout"]), target_modules=lora["target_modules"])
+                             lora_dropout=float(lora["dropout"]), target_modules=targets)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         wrapper = peft.get_peft_model(model, config)

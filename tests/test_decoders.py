@@ -1,5 +1,6 @@
-"""Decoder-only rerankers (Qwen2, Llama) through AutoModelForSequenceClassification: padding
-handled so that a pair's score does not depend on its batch, and they learn a ranking task."""
+"""Decoder-only rerankers (Qwen2, Llama) through AutoModelForSequenceClassification, and a
+recurrent one (Mamba, with pyterrier-ce's pooled head): padding handled so that a pair's score
+does not depend on its batch; they learn a ranking task, with LoRA too, and reload."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,12 +14,15 @@ from pyterrier_ce import CrossEncoder
 
 
 def decoder_config(family: str) -> transformers.PretrainedConfig:
+    if family == "mamba":
+        return transformers.MambaConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2, state_size=8,
+                                        num_labels=1, pad_token_id=None)
     common = dict(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                   intermediate_size=64, max_position_embeddings=128, num_labels=1, pad_token_id=None)
     return transformers.Qwen2Config(**common) if family == "qwen2" else transformers.LlamaConfig(**common)
 
 
-@pytest.fixture(scope="session", params=["qwen2", "llama"])
+@pytest.fixture(scope="session", params=["qwen2", "llama", "mamba"])
 def decoder_dir(request, tmp_path_factory):
     """A random 2-layer decoder classifier whose config has no pad id, and a tokenizer without a
     pad token (as many decoder tokenizers): its end-of-sequence token pads."""
