@@ -75,6 +75,19 @@ def candidates(frame: Union[pd.DataFrame, Candidates], first_stage, text_field: 
     return frame
 
 
+def validation_candidates(valid: Union[pd.DataFrame, Candidates], first_stage, text_field: str,
+                          text_source: Optional[TextSource]) -> pd.DataFrame:
+    """Validation candidates as a frame with their texts: validation sets are small, so texts
+    that come from a text source are fetched once, up front."""
+    valid = candidates(valid, first_stage, text_field, "valid", text_source)
+    if isinstance(valid, Candidates):
+        valid = valid.frame(np.arange(len(valid)))
+    if text_field not in valid.columns:
+        assert text_source is not None
+        valid = text_source.add_texts(valid, text_field)
+    return valid
+
+
 def judgements(qrels: Optional[pd.DataFrame], what: str) -> Optional[pd.DataFrame]:
     """``qrels`` with ``qid``, ``docno`` and ``label`` (ir_datasets' ``relevance`` is read as ``label``)."""
     if qrels is None:

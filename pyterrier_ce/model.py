@@ -13,7 +13,6 @@ from transformers import PreTrainedTokenizerBase
 
 from . import objectives, processes, training
 from .batching import UntokenizablePair, as_strings
-from .candidates import Candidates
 from .history import TrainingLog
 from .identity import folder_fingerprint, weights_digest
 from .inputs import (
@@ -23,6 +22,7 @@ from .inputs import (
     checked_max_length,
     judgements,
     teacher_scores,
+    validation_candidates,
     validation_judgements,
 )
 from .loading import (
@@ -37,6 +37,7 @@ from .loading import (
 from .logs import logger
 from .lora import add_lora, check_lora, lora_wrapper, merged
 from .precision import PRECISIONS, dtype_name, quantized_copy, resolve_device, resolve_precision
+from .precision import weights_dtype as weights_dtype_of
 from .prompts import check_template
 from .sampling import GroupSampler
 from .saving import save_model_folder, saved_settings
@@ -82,6 +83,8 @@ class CrossEncoder(pt.Estimator):
             compiles (tens of seconds), later ones run the compiled graph. Where compilation fails
             (no C++ compiler, say) scoring falls back to eager mode with one warning. Training and
             saving use the plain model; scores agree with eager ones up to float rounding.
+        weights_dtype: Hold the weights in ``"bf16"`` (or ``"fp16"``): half the memory, scores
+            within ~1e-2; see :func:`pyterrier_ce.precision.weights_dtype` for training with them.
         **settings: Training settings used by :meth:`fit` (see :class:`TrainingSettings`), e.g.
             ``objective="infonce", group_size=8, lr=1e-4``.
     """
@@ -102,6 +105,7 @@ class CrossEncoder(pt.Estimator):
         num_layers: Optional[int] = None,
         layers: Optional[list] = None,
         compile_model: bool = False,
+        weights_dtype: Optional[str] = None,
         **settings: Any,
     ):
         if precision not in PRECISIONS:
@@ -109,7 +113,8 @@ class CrossEncoder(pt.Estimator):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a whole number of at least 1, not {batch_size!r}.")
         self.device = resolve_device(device)
-        self.model, self._name = load_model(model, trust_remote_code=trust_remote_code)
+        self.model, self._name = load_model(model, trust_remote_code=trust_remote_code,
+                                            torch_dtype=weights_dtype_of(weights_dtype))
         if num_layers is not None and layers is not None:
             raise ValueError("Give num_layers or layers, not both.")
         self.num_layers = num_layers
@@ -312,12 +317,7 @@ class CrossEncoder(pt.Estimator):
             raise ValueError("Pass both valid and valid_qrels for validation, or neither.")
         validator = None
         if valid is not None:
-            valid = candidates(valid, s.first_stage, self.text_field, "valid", text_source)
-            if isinstance(valid, Candidates):
-                valid = valid.frame(np.arange(len(valid)))
-            if self.text_field not in valid.columns:  # validation sets are small: their texts are fetched once
-                assert text_source is not None
-                valid = text_source.add_texts(valid, self.text_field)
+            valid = validation_candidates(valid, s.first_stage, self.text_field, text_source)
             valid_qrels = validation_judgements(judgements(valid_qrels, "valid_qrels"), valid)
             validator = training.Validator(valid, valid_qrels, s.eval_metric, self._scores_of(valid), s.patience)
         objective = objectives.get(s.objective, **s.objective_params)

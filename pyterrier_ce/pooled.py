@@ -55,7 +55,8 @@ def ranking_class(pretrained: Type[transformers.PreTrainedModel], backbone: Type
         encoder = getattr(self, self.base_model_prefix)
         outputs = encoder(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
         pooled = pool(outputs.last_hidden_state, attention_mask, getattr(self.config, "pooling", "last"))
-        return SequenceClassifierOutput(logits=self.score(pooled))
+        # the reference (non-CUDA) Mamba kernels return fp32 states whatever the weights' dtype
+        return SequenceClassifierOutput(logits=self.score(pooled.to(self.score.weight.dtype)))
 
     return type(name, (pretrained,), {"__init__": __init__, "forward": forward,
                                       "__doc__": f"{backbone.__name__} pooled, then one linear logit (pyterrier-ce)."})

@@ -77,3 +77,21 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
+
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def weights_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    """The dtype weights are held in (``None``: as the checkpoint stores them, usually fp32).
+
+    bf16 weights halve the memory of the model (and of full fine-tuning's gradients); their 8-bit
+    mantissa keeps about 3 significant digits, so scores move by ~1e-2 and, in full fine-tuning,
+    updates smaller than ~1/256 of a weight are lost (training with bf16 weights needs larger
+    learning rates or stalls). With LoRA the adapters are fp32 (peft keeps them there) and only
+    the head trains in bf16: the usual way to train a large model with its weights in bf16.
+    """
+    if name is None:
+        return None
+    if name not in WEIGHT_DTYPES:
+        raise ValueError(f"weights_dtype={name!r} is not one of {tuple(WEIGHT_DTYPES)}.")
+    return WEIGHT_DTYPES[name]

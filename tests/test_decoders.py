@@ -76,3 +76,30 @@ def test_decoders_train_with_lora_and_reload_with_the_same_scores(decoder_dir, t
     again = CrossEncoder(str(tmp_path / "adapter"), verbose=False)
     sample = candidates.head(12)
     np.testing.assert_allclose(again(sample)["score"].to_numpy(), ce(sample)["score"].to_numpy(), atol=1e-5)
+
+
+def test_weights_in_bf16_score_near_fp32_and_train_fp32_adapters(decoder_dir):
+    pytest.importorskip("peft")
+    queries, texts = ["the cat", "war", "dog"], ["a cat sat", "the war of the world", "a dog"]
+    full = CrossEncoder(str(decoder_dir), max_length=32, verbose=False)
+    half = CrossEncoder(str(decoder_dir), max_length=32, weights_dtype="bf16", verbose=False)
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    np.testing.assert_allclose(half.score_pairs(queries, texts), full.score_pairs(queries, texts), atol=5e-2)
+    candidates, qrels = synthetic(8)
+    half.fit(candidates, qrels, lora={"r": 4, "dropout": 0.0}, max_steps=2, group_size=4, train_batch_size=4)
+    adapters = {p.dtype for n, p in half.model.named_parameters() if p.requires_grad and "lora_" in n}
+    assert adapters == {torch.float32}  # peft keeps the adapters in fp32; the head trains in bf16
+    with pytest.raises(ValueError, match="weights_dtype='int4' is not one of"):
+        CrossEncoder(str(decoder_dir), weights_dtype="int4")
+
+
+def test_a_decoder_teacher_in_bf16_distils_into_an_encoder_student(decoder_dir, tiny_model_dir, tmp_path):
+    from test_fit import make
+
+    candidates, _ = synthetic(12)
+    teacher = CrossEncoder(str(decoder_dir), max_length=32, precision="bf16", verbose=False)
+    student = make(tiny_model_dir, objective="kl", objective_params={"temperature": 2.0}, max_steps=3,
+                   verbose=False)
+    student.fit(candidates, None, teacher=teacher, teacher_cache=str(tmp_path / "cache"))
+    assert len(student.history.frame("step")) == 3
+    assert list((tmp_path / "cache").glob("*.json"))  # the teacher's scores were cached under its identity
