@@ -9,6 +9,10 @@ import torch
 import transformers
 from conftest import _write_vocab
 from test_fit import ndcg, synthetic
+from test_runner import (
+    config,  # noqa: F401  (fixture)
+    data_dir,  # noqa: F401  (fixture)
+)
 
 from pyterrier_ce import CrossEncoder
 
@@ -103,3 +107,20 @@ def test_a_decoder_teacher_in_bf16_distils_into_an_encoder_student(decoder_dir, 
     student.fit(candidates, None, teacher=teacher, teacher_cache=str(tmp_path / "cache"))
     assert len(student.history.frame("step")) == 3
     assert list((tmp_path / "cache").glob("*.json"))  # the teacher's scores were cached under its identity
+
+
+def test_the_runner_trains_llm_students_with_lora_from_an_llm_teacher(decoder_dir, config, tmp_path):
+    """The small, CPU version of the seed grid: decoder students with LoRA and checkpointing,
+    InfoNCE against KL with a temperature from a decoder teacher in bf16."""
+    pytest.importorskip("peft")
+    from pyterrier_ce.runner import run_config
+
+    memory = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "gradient_checkpointing": True}
+    config = {**config, "models": [{"name": "llm", "backbone": str(decoder_dir), "settings": memory}],
+              "objectives": ["infonce", {"name": "kl", "settings": {"objective_params": {"temperature": 2.0}}}],
+              "teacher": {"model": str(decoder_dir), "precision": "bf16", "max_length": 64},
+              "evaluate": config["evaluate"][:1]}
+    tables = run_config(config)
+    assert tables["toy"]["name"].tolist() == ["BM25", "llm-infonce-s1", "llm-kl-s1"]
+    for system in ("llm-infonce-s1", "llm-kl-s1"):
+        assert (tmp_path / "work" / "models" / system / "adapter_config.json").exists()
