@@ -56,7 +56,7 @@ def test_the_seed_studies_configs_plan_without_a_download(stand_in_data, capsys)
     assert "evaluate beir-quora: irds:beir/quora test, BM25 top-100: 10000 queries" in plan
     main(["run", "--dry-run", str(REPO / "configs" / "xu-2025.yaml")])
     plan = capsys.readouterr().out
-    assert "Systems (6:" in plan and "qwen2.5-3b-kl-s42" in plan
+    assert "Systems (8:" in plan and "qwen2.5-7b-kl-s42" in plan
     assert "100000 queries (ir_datasets metadata: 502939, sampled)" in plan
     assert "scores the 10000000 training pairs once" in plan
 

@@ -141,7 +141,11 @@ def dry_run(cfg: Config) -> str:
                      "groups/step": s.train_batch_size * s.grad_accum_steps,
                      "pairs/step": s.train_batch_size * s.grad_accum_steps * s.group_size,
                      "max_length": s.train_max_length or constructor.get("max_length", "model's"),
-                     "precision": s.train_precision or constructor.get("precision", "auto")})
+                     "precision": s.train_precision or constructor.get("precision", "auto"),
+                     "trains": (f"LoRA r={s.lora['r']}" if isinstance(s.lora, dict) and "r" in s.lora
+                                else "LoRA" if s.lora else "all weights")
+                     + (", checkpointing" if s.gradient_checkpointing else "")
+                     + (f", {constructor['weights_dtype']} weights" if constructor.get("weights_dtype") else "")})
     out += ["", f"Systems ({len(rows)}: models x objectives x seeds; steps at most, before held-out queries):",
             pd.DataFrame(rows).to_string(index=False)]
     out += ["", f"Scoring: {eval_pairs * len(rows)} pairs to rerank in all ({eval_pairs} per system)"]

@@ -27,7 +27,8 @@ TEACHER_KEYS = {"model": ("model", "max_length", "batch_size", "precision", "eva
                 "run": ("run", "use_ranks", "format"), "factory": ("factory", "args", "key"),
                 "ensemble": ("ensemble", "normalize", "weights")}
 # CrossEncoder(...) arguments a config may set; everything else in `settings` is a training setting.
-CONSTRUCTOR_SETTINGS = ("batch_size", "max_length", "device", "precision", "verbose", "trust_remote_code")
+CONSTRUCTOR_SETTINGS = ("batch_size", "max_length", "device", "precision", "verbose", "trust_remote_code",
+                        "weights_dtype", "template")
 # Training settings the runner sets itself, per system.
 RESERVED_SETTINGS = ("objective", "seed", "teacher", "teacher_cache", "log_file", "checkpoint_dir", "resume",
                      "first_stage", "text_source")
