@@ -124,3 +124,12 @@ def test_the_runner_trains_llm_students_with_lora_from_an_llm_teacher(decoder_di
     assert tables["toy"]["name"].tolist() == ["BM25", "llm-infonce-s1", "llm-kl-s1"]
     for system in ("llm-infonce-s1", "llm-kl-s1"):
         assert (tmp_path / "work" / "models" / system / "adapter_config.json").exists()
+
+
+def test_checkpointing_gives_decoders_the_same_weights(decoder_dir):
+    candidates, qrels = synthetic(8)
+    settings = dict(max_length=32, group_size=4, train_batch_size=4, max_steps=2, lr=1e-3, seed=0, verbose=False)
+    plain = CrossEncoder(str(decoder_dir), **settings).fit(candidates, qrels)
+    recomputed = CrossEncoder(str(decoder_dir), gradient_checkpointing=True, **settings).fit(candidates, qrels)
+    for (name, a), b in zip(plain.model.state_dict().items(), recomputed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
