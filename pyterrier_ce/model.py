@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from . import objectives, processes, training
 from .batching import UntokenizablePair, as_strings
+from .card import card_of
 from .history import TrainingLog
 from .identity import folder_fingerprint, weights_digest
 from .inputs import (
@@ -144,6 +145,7 @@ class CrossEncoder(pt.Estimator):
         self.compile_model = compile_model
         self.settings = TrainingSettings().updated(**settings)
         self.history = None  # the TrainingLog of the last fit
+        self.card_data: Dict[str, Any] = {}  # datasets, first_stage, teacher, ...: for the model card
         # A built model may carry any weights, so its identity is its weights; a local folder's
         # are its weight files as they are now (a model retrained into the same folder is another
         # model, e.g. to the teacher-score cache); a hub name is its own identity.
@@ -371,8 +373,8 @@ class CrossEncoder(pt.Estimator):
     # -- saving and loading -----------------------------------------------------------------
 
     def save_pretrained(self, path: Union[str, os.PathLike]) -> None:
-        """Writes a plain Hugging Face folder (safetensors weights, config, tokenizer), or with
-        LoRA adapters a peft adapter folder (see :mod:`pyterrier_ce.lora`).
+        """Writes a plain Hugging Face folder (weights, config, tokenizer, a README.md model card:
+        :mod:`pyterrier_ce.card`), or with LoRA adapters a peft adapter folder (:mod:`.lora`).
 
         transformers, sentence-transformers' ``CrossEncoder`` and :meth:`from_pretrained` load
         it and score the same raw logits. Only the model's own files are written, each under a
@@ -382,7 +384,7 @@ class CrossEncoder(pt.Estimator):
         """
         if not processes.is_main():
             return  # under accelerate launch, the main process writes the one copy
-        save_model_folder(self.model, self.tokenizer, path, self._settings_to_save())
+        save_model_folder(self.model, self.tokenizer, path, self._settings_to_save(), card=card_of(self, path))
 
     def _settings_to_save(self) -> Dict[str, Any]:
         """What a saved folder restores: max_length, text_field and the template (when set)."""

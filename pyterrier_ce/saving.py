@@ -8,13 +8,14 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from .atomic import save_files
+from .card import ours
 from .loading import quiet_transformers
 from .lora import ADAPTER_CONFIG, lora_wrapper, write_adapter_files
 
@@ -50,12 +51,14 @@ def write_model_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 
 
 def save_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Union[str, os.PathLike],
-                      settings: Dict[str, Any]) -> None:
+                      settings: Dict[str, Any], card: Optional[str] = None) -> None:
     """Saves a model folder at ``path``: each of the model's files atomically, anything else in the
     folder left alone (see :func:`atomic.save_files`); weight shards of an earlier save that this
     one does not write are removed."""
     def write(folder: Path) -> None:
         write_model_files(model, tokenizer, folder, settings)
+        if card is not None and ours(Path(path) / "README.md"):  # never over a README the user wrote
+            (folder / "README.md").write_text(card, encoding="utf8")
 
     # config.json (adapter_config.json) last: loaders read it first, so it is the last file a crash
     # could leave old; the files of the other kind of save (a whole model, an adapter) are stale

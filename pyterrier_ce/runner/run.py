@@ -22,7 +22,7 @@ import ir_measures
 import pandas as pd
 import pyterrier as pt
 
-from .. import processes
+from .. import card, processes
 from ..atomic import write_file
 from ..logs import logger
 from ..model import CrossEncoder
@@ -97,6 +97,7 @@ class Runner:
             results = results[["dataset"] + [c for c in results.columns if c != "dataset"]]
             write_file(self.path("results.csv"), lambda tmp: results.to_csv(tmp, index=False))
             report = markdown(cfg, tables, self.candidates.held_out(), self.training_summary())
+            self.add_evaluation_to_cards(tables)
             write_file(self.path("results.md"), lambda tmp: tmp.write_text(report, encoding="utf8"))
             for name, table in tables.items():
                 self._log(f"\n{name}:\n{compact(table).round(4).to_string(index=False)}")
@@ -184,6 +185,9 @@ class Runner:
         ce.fit(train, qrels, objective=system.objective.name, seed=system.seed, teacher=teacher,
                log_file=str(log_file), checkpoint_dir=str(checkpoints), resume=True, text_source=text_source,
                **training)
+        teacher_spec = (system.objective.teacher or self.cfg.teacher) if system.objective.distils else None
+        ce.card_data = {"datasets": [self.cfg.train.dataset], "first_stage": self.cfg.train.describe(),
+                        **({"teacher": json.dumps(teacher_spec, default=str)} if teacher_spec else {})}
         ce.save_pretrained(self.path("models", system.name))  # atomic; the main process writes
         self.state.wait_for_everyone()
         if self.main:
@@ -218,6 +222,22 @@ class Runner:
         return pd.DataFrame(rows)
 
     # -- reranking and evaluation ---------------------------------------------------------------
+
+    def add_evaluation_to_cards(self, tables: Dict[str, pd.DataFrame]) -> None:
+        """Each trained system's rows of every pt.Experiment table (with p-values against the
+        baseline) in its model's card (a card the user replaced is left alone)."""
+        for system in self.cfg.systems:
+            path = self.path("models", system.name, "README.md")
+            if not path.exists() or not card.ours(path):
+                continue
+            rows = [table[table["name"] == system.name].assign(dataset=name) for name, table in tables.items()]
+            found = pd.concat(rows, ignore_index=True)
+            found = found[["dataset"] + [c for c in found.columns if c not in ("dataset", "name")]]
+            text = (f"Reranking each set's first stage ({self.cfg.first_stage_name}); p-values against "
+                    f"{self.cfg.baseline} ({self.cfg.correction} correction), from `pyterrier-ce run` of "
+                    f"{self.cfg.name}:\n\n" + "\n".join(card.table_lines(found.to_dict("records"))))
+            updated = card.with_evaluation(path.read_text(encoding="utf8"), text)
+            write_file(path, lambda tmp, updated=updated: tmp.write_text(updated, encoding="utf8"))
 
     def run_path(self, spec: DataSpec, system: str) -> Path:
         return self.path("runs", spec.name, f"{system}.res.gz")

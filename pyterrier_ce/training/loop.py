@@ -102,7 +102,7 @@ def _run_steps(model, accelerator: Accelerator, optimizer, scheduler, tokenizer,
         log.write(event="start", sampling=_sampling_report(sampler, plan), total_steps=plan.total_steps,
                   groups_per_step=plan.groups_per_step, lr=plan.lr, head_lr=plan.head_lr,
                   objective=plan.objective_name, eval_depth=validator.depth if validator else None,
-                  memory=needs.as_dict())
+                  memory=needs.as_dict(), run=plan.record())
     bar = pt.tqdm(total=plan.total_steps, initial=step, desc="training", unit="step", disable=not progress)
 
     def save_checkpoint() -> None:
