@@ -327,7 +327,7 @@ class CrossEncoder(pt.Estimator):
         if lora is not None and lora_wrapper(self.model) is None:
             self.model = add_lora(self.model, lora, s.seed)  # adapters and head trainable, the rest frozen
         sampler = GroupSampler(train, train_qrels, group_size=s.group_size, negatives=s.negatives, seed=s.seed,
-                               text_field=self.text_field, text_source=text_source,
+                               text_field=self.text_field, text_source=text_source, skip_top=s.skip_top,
                                teacher_scores=teacher_scores(s, objective, train, text_source, self.text_field))
         plan = training.plan_training(
             s, objective=objective, groups=len(sampler), processes=processes.world_size(),

@@ -22,7 +22,7 @@ from .batching import as_strings
 from .candidates import Candidates
 from .texts import TextSource
 
-NEGATIVES = ("random", "top")
+NEGATIVES = ("random", "top", "mixed")
 
 
 @dataclass
@@ -50,6 +50,7 @@ class SamplingReport:
     empty_query: int = 0
     empty_texts: int = 0
     duplicates: int = 0
+    skipped_top: int = 0
 
     def __str__(self) -> str:
         parts = [f"{self.used} of {self.queries} training queries used"]
@@ -67,6 +68,8 @@ class SamplingReport:
             parts.append(f"{self.empty_texts} candidates with empty text left out")
         if self.duplicates:
             parts.append(f"{self.duplicates} duplicate (qid, docno) rows left out")
+        if self.skipped_top:
+            parts.append(f"{self.skipped_top} unjudged candidates of the top first-stage ranks not used as negatives")
         return "; ".join(parts)
 
 
@@ -79,8 +82,13 @@ class GroupSampler:
             or :class:`~pyterrier_ce.candidates.Candidates` (e.g. read from a run file).
         qrels: qid, docno, label (higher is better; > 0 is relevant).
         group_size: Documents per group (1 positive + ``group_size - 1`` negatives).
-        negatives: ``"random"`` (uniform from the candidates not judged relevant) or ``"top"``
-            (the highest-ranked of them).
+        negatives: ``"random"`` (uniform from the candidates not judged relevant), ``"top"``
+            (the highest-ranked of them) or ``"mixed"`` (half the hardest, half at random from
+            the rest: hard negatives with some easier ones, as RocketQA-style training mixes).
+        skip_top: Candidates at the first ``skip_top`` first-stage ranks are never negatives:
+            unjudged top-ranked documents are often relevant (the false negatives RocketQA, Qu et
+            al. 2021, found in MS MARCO), so hard negatives are drawn from below them. Counted in
+            the report.
         seed: Seed of the per-epoch sampling.
         text_field: Column holding the document text.
         teacher_scores: Teacher scores (distillation), aligned with the rows of the frame (or of
@@ -110,13 +118,17 @@ class GroupSampler:
         text_field: str = "text",
         teacher_scores: Optional[np.ndarray] = None,
         text_source: Optional[TextSource] = None,
+        skip_top: int = 0,
     ):
         if group_size < 2:
             raise ValueError(f"group_size={group_size}: a group needs a positive and at least one negative.")
         if negatives not in NEGATIVES:
             raise ValueError(f"negatives={negatives!r} is not one of {NEGATIVES}.")
+        if skip_top < 0:
+            raise ValueError(f"skip_top={skip_top} must be 0 or more.")
         self.group_size = group_size
         self.negatives = negatives
+        self.skip_top = skip_top
         self.seed = seed
         self.text_field = text_field
         self.text_source = text_source
@@ -185,8 +197,12 @@ class GroupSampler:
         c, report = self.candidates, self.report
         distilling = self._teacher is not None
         codes = c.qid_codes[self._usable]
-        rows = np.bincount(codes, minlength=len(c.qids))
-        positives = np.bincount(codes[self._labels[self._usable] > 0], minlength=len(c.qids))
+        relevant = self._labels > 0
+        positives = np.bincount(codes[relevant[self._usable]], minlength=len(c.qids))
+        # unjudged candidates above skip_top are not negatives: left out of the counts too
+        self._kept = self._usable & (relevant | (self._rank_positions() >= self.skip_top))
+        skipped = self._usable & ~self._kept
+        rows = np.bincount(c.qid_codes[self._kept], minlength=len(c.qids))
         present = rows > 0
         report.queries = int(present.sum())
         report.positives_not_in_candidates = int((self._relevant_judged - positives)[present].sum())
@@ -202,6 +218,7 @@ class GroupSampler:
         size = rows if distilling else rows - positives + 1
         report.short_groups = int((left & (size < self.group_size)).sum())
         report.used = int(left.sum())
+        report.skipped_top = int(left[c.qid_codes[skipped]].sum())
         if not report.used:
             raise ValueError(
                 f"No usable training query ({report}): each needs a judged-relevant document and another "
@@ -209,6 +226,11 @@ class GroupSampler:
                 f"Check that train and train_qrels share qids and docnos, or retrieve deeper candidates."
             )
         return np.flatnonzero(left)
+
+    def _rank_positions(self) -> np.ndarray:
+        """Each row's position in its query's first-stage order (0 = top)."""
+        c = self.candidates
+        return np.arange(len(c)) - c.query_bounds()[c.qid_codes]
 
     def __len__(self) -> int:
         """Groups per epoch (one per usable query)."""
@@ -247,7 +269,7 @@ class GroupSampler:
     def _draw(self, query: int, rng: np.random.Generator) -> Tuple[np.ndarray, List[float]]:
         """The rows and targets of one query's group."""
         rows = np.arange(self._bounds[query], self._bounds[query + 1])
-        rows = rows[self._usable[rows]]
+        rows = rows[self._kept[rows]]
         relevant = self._labels[rows] > 0
         positives, negatives = rows[relevant], rows[~relevant]
         if self._teacher is not None:
@@ -256,6 +278,10 @@ class GroupSampler:
         k = min(self.group_size - 1, len(negatives))
         if self.negatives == "top":
             chosen = negatives[:k]
+        elif self.negatives == "mixed":
+            hard = (k + 1) // 2
+            rest = negatives[hard:]
+            chosen = np.concatenate([negatives[:hard], rest[rng.choice(len(rest), size=k - hard, replace=False)]])
         else:
             chosen = negatives[rng.choice(len(negatives), size=k, replace=False)]
         return np.concatenate([[positives[pick]], chosen]), [float(self._labels[positives[pick]])] + [0.0] * k

@@ -25,7 +25,10 @@ class TrainingSettings:
             module called as ``loss(scores, targets, mask)``.
         objective_params: Keyword arguments for a named objective (e.g. ``{"temperature": 0.5}``).
         group_size: Documents per query group: 1 positive + ``group_size - 1`` negatives.
-        negatives: ``"random"`` from the candidates not judged relevant, or ``"top"`` of them.
+        negatives: ``"random"`` from the candidates not judged relevant, ``"top"`` of them, or
+            ``"mixed"`` (half the hardest, half at random; see :class:`~pyterrier_ce.sampling.GroupSampler`).
+        skip_top: Never take negatives from the first ``skip_top`` first-stage ranks (unjudged
+            top documents are often relevant: RocketQA's false negatives).
         train_batch_size: Query groups per forward pass.
         grad_accum_steps: Forward passes accumulated per optimiser step.
         epochs: Passes over the training queries (ignored once ``max_steps`` is reached).
@@ -91,6 +94,7 @@ class TrainingSettings:
     objective_params: Dict[str, Any] = field(default_factory=dict)
     group_size: int = 4
     negatives: str = "random"
+    skip_top: int = 0
     train_batch_size: int = 16
     grad_accum_steps: int = 1
     epochs: int = 1
@@ -144,6 +148,10 @@ class TrainingSettings:
     def check(self) -> None:
         """Refuses values that cannot train."""
         check_lora(self.lora)
+        if self.skip_top < 0:
+            raise ValueError(f"skip_top must be 0 or more, not {self.skip_top}.")
+        if self.negatives not in ("random", "top", "mixed"):
+            raise ValueError(f"negatives={self.negatives!r} is not one of ('random', 'top', 'mixed').")
         for name in ("group_size", "train_batch_size", "grad_accum_steps", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}.")
@@ -174,7 +182,7 @@ class TrainingSettings:
 
 # Settings that hold a whole number, and those that hold any number (besides None or a word such as "auto").
 _INTEGERS = ("group_size", "train_batch_size", "grad_accum_steps", "epochs", "max_steps", "frozen_layers",
-             "train_max_length", "seed", "eval_every", "patience", "checkpoint_every")
+             "train_max_length", "seed", "eval_every", "patience", "checkpoint_every", "skip_top")
 _NUMBERS = ("lr", "head_lr", "layer_decay", "warmup", "weight_decay", "dropout", "attention_dropout",
             "max_grad_norm")
 

@@ -87,3 +87,41 @@ def test_memory_does_not_grow_with_the_longest_text():
         tracemalloc.stop()
     # a fixed-width copy of every text would take rows x 20,000 x 4 bytes = 80 MB
     assert peak < 10e6, f"{peak / 1e6:.0f} MB"
+
+
+def test_skip_top_never_takes_negatives_from_the_top_ranks_and_counts_them():
+    rows = [("q1", "query", f"d{k}", f"text {k}", k) for k in range(10)]
+    candidates = pd.DataFrame(rows, columns=["qid", "query", "docno", "text", "rank"])
+    qrels = pd.DataFrame({"qid": ["q1"], "docno": ["d1"], "label": [1]})
+    sampler = GroupSampler(candidates, qrels, group_size=4, skip_top=3)
+    for epoch in range(20):
+        (group,) = sampler.epoch(epoch)
+        assert group.docnos[0] == "d1" and not {"d0", "d2"} & set(group.docnos[1:])
+    assert sampler.report.skipped_top == 2 and "2 unjudged candidates of the top first-stage ranks" in str(
+        sampler.report)
+    with pytest.raises(ValueError, match="No usable training query"):
+        GroupSampler(candidates, qrels, group_size=4, skip_top=10)  # nothing left to contrast with
+
+
+def test_mixed_negatives_are_half_the_hardest_half_random():
+    rows = [("q1", "query", f"d{k}", f"text {k}", k) for k in range(30)]
+    candidates = pd.DataFrame(rows, columns=["qid", "query", "docno", "text", "rank"])
+    qrels = pd.DataFrame({"qid": ["q1"], "docno": ["d0"], "label": [1]})
+    sampler = GroupSampler(candidates, qrels, group_size=7, negatives="mixed", seed=3)
+    seen = set()
+    for epoch in range(10):
+        (group,) = sampler.epoch(epoch)
+        assert group.docnos[1:4] == ["d1", "d2", "d3"]  # the 3 hardest, then 3 at random from the rest
+        assert not {"d0", "d1", "d2", "d3"} & set(group.docnos[4:])
+        seen |= set(group.docnos[4:])
+    assert len(seen) > 6
+
+
+def test_fit_takes_skip_top_and_reports_it(tiny_model_dir):
+    from test_fit import make, synthetic
+
+    candidates, qrels = synthetic(8)  # the relevant document is at rank 2 of 6
+    ce = make(tiny_model_dir, max_steps=1, skip_top=2, negatives="mixed", verbose=False).fit(candidates, qrels)
+    assert "16 unjudged candidates of the top first-stage ranks" in ce.history.frame("start").iloc[0]["sampling"]
+    with pytest.raises(ValueError, match="skip_top must be 0 or more"):
+        make(tiny_model_dir, skip_top=-1)

@@ -54,6 +54,8 @@ class TrainingPlan:
     lora: Optional[Dict[str, Any]]
     #: The reranker's prompt template (None: pairs as two segments).
     template: Optional[str]
+    #: Negatives are never taken from the first skip_top first-stage ranks.
+    skip_top: int
     # validation and checkpoints
     eval_every: Optional[int]
     eval_metric: str
@@ -79,7 +81,8 @@ class TrainingPlan:
             "layer_decay": self.layer_decay, "frozen_layers": self.frozen_layers, "dropout": self.dropout,
             "attention_dropout": self.attention_dropout, "max_grad_norm": self.max_grad_norm,
             "precision": self.precision, "total_steps": self.total_steps, "groups_per_step": self.groups_per_step,
-            **({"lora": self.lora} if self.lora else {}), **({"template": self.template} if self.template else {}),
+            # settings added later enter the record only when used: older checkpoints still resume
+            **{k: v for k, v in (("lora", self.lora), ("skip_top", self.skip_top), ("template", self.template)) if v},
         }
         return json.loads(json.dumps(record, default=str))  # as it reads back from the file
 
@@ -120,6 +123,7 @@ def plan_training(settings: TrainingSettings, *, objective: torch.nn.Module, gro
         frozen_layers=s.frozen_layers, dropout=s.dropout, attention_dropout=s.attention_dropout,
         precision=dtype_name(resolve_precision(precision, device, training=True)),
         gradient_checkpointing=s.gradient_checkpointing, lora=check_lora(s.lora), template=template,
+        skip_top=s.skip_top,
         eval_every=s.eval_every, eval_metric=s.eval_metric, patience=s.patience, checkpoint_dir=checkpoint_dir,
         checkpoint_every=s.checkpoint_every, resume=s.resume, log_file=Path(log_file) if log_file else None,
         origin=origin,
