@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -71,3 +71,32 @@ def weights_digest(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+class IdentifiedByKey:
+    """``==``, ``hash`` and ``repr`` from one ``identity_key()`` (as pyterrier_dr's transformers
+    do): two objects that compute the same thing are equal, print alike and share caches. The
+    repr shows the ``"model"`` entry first and leaves out entries at their ``_REPR_DEFAULTS``."""
+
+    _REPR_DEFAULTS: Dict[str, Any] = {}
+
+    def identity_key(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def _identity(self) -> tuple:
+        return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in self.identity_key().items())
+
+    def __repr__(self) -> str:
+        key = self.identity_key()
+        shown = [repr(key.pop("model"))] if "model" in key else []
+        shown += [f"{k}={v!r}" if isinstance(v, str) and k != "weights" else f"{k}={v}"
+                  for k, v in key.items() if k not in self._REPR_DEFAULTS or v != self._REPR_DEFAULTS[k]]
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    def __eq__(self, other: Any) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._identity() == other._identity()
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__,) + self._identity())

@@ -15,7 +15,7 @@ from . import objectives, processes, training
 from .batching import UntokenizablePair, as_strings
 from .card import card_of
 from .history import TrainingLog
-from .identity import folder_fingerprint, weights_digest
+from .identity import IdentifiedByKey, folder_fingerprint, weights_digest
 from .inputs import (
     candidates,
     check_result_frame,
@@ -47,7 +47,7 @@ from .settings import TrainingSettings
 from .texts import as_text_source
 
 
-class CrossEncoder(pt.Estimator):
+class CrossEncoder(IdentifiedByKey, pt.Estimator, pt.Artifact):
     """A transformer cross-encoder that scores (query, text) pairs: a PyTerrier reranker.
 
     It reads a result frame with ``qid``, ``query``, ``docno`` and a text column, and returns the
@@ -90,6 +90,10 @@ class CrossEncoder(pt.Estimator):
             ``objective="infonce", group_size=8, lr=1e-4``.
     """
 
+    # a saved folder is a PyTerrier artifact: pt.Artifact.load / from_url / from_hf / to_hf
+    ARTIFACT_TYPE, ARTIFACT_FORMAT, ARTIFACT_PACKAGE_HINT = "cross_encoder", "hf", "pyterrier-ce"
+    _REPR_DEFAULTS = {"layers": None, "weights": None, "tokenizer": None, "text_field": "text", "template": None}
+
     def __init__(
         self,
         model: ModelLike,
@@ -114,6 +118,8 @@ class CrossEncoder(pt.Estimator):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a whole number of at least 1, not {batch_size!r}.")
         self.device = resolve_device(device)
+        local = isinstance(model, (str, os.PathLike)) and os.path.isdir(os.path.expanduser(os.fspath(model)))
+        pt.Artifact.__init__(self, os.path.expanduser(os.fspath(model)) if local else pt.Artifact.NO_PATH)
         self.model, self._name = load_model(model, trust_remote_code=trust_remote_code,
                                             torch_dtype=weights_dtype_of(weights_dtype))
         if num_layers is not None and layers is not None:
@@ -187,25 +193,6 @@ class CrossEncoder(pt.Estimator):
         if self.precision == "int8":
             return "int8"
         return dtype_name(resolve_precision(self.precision, self.device))
-
-    def _identity(self) -> tuple:
-        return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in self.identity_key().items())
-
-    def __repr__(self) -> str:
-        key = self.identity_key()
-        shown = [repr(key.pop("model"))]
-        defaults = {"layers": None, "weights": None, "tokenizer": None, "text_field": "text", "template": None}
-        shown += [f"{k}={v!r}" if isinstance(v, str) and k != "weights" else f"{k}={v}"
-                  for k, v in key.items() if k not in defaults or v != defaults[k]]
-        return f"CrossEncoder({', '.join(shown)})"
-
-    def __eq__(self, other: Any) -> bool:
-        if not isinstance(other, CrossEncoder):
-            return NotImplemented
-        return self._identity() == other._identity()
-
-    def __hash__(self) -> int:
-        return hash(("CrossEncoder",) + self._identity())
 
     def schematic(self, *, input_columns=None) -> Dict[str, Any]:
         return {"label": "CrossEncoder", "help_url": None}
@@ -384,7 +371,9 @@ class CrossEncoder(pt.Estimator):
         """
         if not processes.is_main():
             return  # under accelerate launch, the main process writes the one copy
-        save_model_folder(self.model, self.tokenizer, path, self._settings_to_save(), card=card_of(self, path))
+        save_model_folder(self.model, self.tokenizer, path, self._settings_to_save(), card=card_of(self, path),
+                          metadata=self._build_metadata())
+        pt.Artifact.__init__(self, path)  # the artifact is now this folder (to_hf, build_package)
 
     def _settings_to_save(self) -> Dict[str, Any]:
         """What a saved folder restores: max_length, text_field and the template (when set)."""

@@ -51,7 +51,8 @@ def write_model_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 
 
 def save_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Union[str, os.PathLike],
-                      settings: Dict[str, Any], card: Optional[str] = None) -> None:
+                      settings: Dict[str, Any], card: Optional[str] = None,
+                      metadata: Optional[Dict[str, Any]] = None) -> None:
     """Saves a model folder at ``path``: each of the model's files atomically, anything else in the
     folder left alone (see :func:`atomic.save_files`); weight shards of an earlier save that this
     one does not write are removed."""
@@ -59,6 +60,8 @@ def save_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         write_model_files(model, tokenizer, folder, settings)
         if card is not None and ours(Path(path) / "README.md"):  # never over a README the user wrote
             (folder / "README.md").write_text(card, encoding="utf8")
+        if metadata is not None:  # PyTerrier's artifact metadata: what pt.Artifact.load reads
+            (folder / "pt_meta.json").write_text(json.dumps(metadata), encoding="utf8")
 
     # config.json (adapter_config.json) last: loaders read it first, so it is the last file a crash
     # could leave old; the files of the other kind of save (a whole model, an adapter) are stale

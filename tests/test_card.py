@@ -52,3 +52,33 @@ def test_the_runner_adds_each_systems_evaluation_to_its_card(config, tmp_path):
     results = pd.read_csv(tmp_path / "work" / "results.csv")
     value = results[(results["name"] == "tiny-infonce-s1") & (results["dataset"] == "toy")]["nDCG@10"].iloc[0]
     assert f"{value:.4f}" in card
+
+
+def test_a_saved_reranker_is_a_pyterrier_artifact(tiny_model_dir, tmp_path, monkeypatch):
+    import numpy as np
+    import pyterrier as pt
+
+    from pyterrier_ce import CrossEncoder
+
+    candidates, qrels = synthetic(8)
+    ce = make(tiny_model_dir, max_steps=2, verbose=False).fit(candidates, qrels)
+    ce.save_pretrained(tmp_path / "ranker")
+    assert ce.path == tmp_path / "ranker"
+    loaded = pt.Artifact.load(str(tmp_path / "ranker"))
+    assert isinstance(loaded, CrossEncoder) and loaded.max_length == ce.max_length
+    np.testing.assert_allclose(loaded(candidates)["score"], ce(candidates)["score"], atol=1e-6)
+    package = ce.build_package(str(tmp_path / "ranker.tar.lz4"), verbose=False)  # what to_hf uploads
+    monkeypatch.setattr(pt.io, "pyterrier_home", lambda: str(tmp_path / "home"))  # the download cache
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # a web server on this machine
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        fetched = pt.Artifact.from_url(f"http://127.0.0.1:{server.server_port}/ranker.tar.lz4")
+    finally:
+        server.shutdown()
+    assert isinstance(fetched, CrossEncoder)
+    np.testing.assert_allclose(fetched(candidates)["score"], ce(candidates)["score"], atol=1e-6)
