@@ -2,6 +2,8 @@
 was trained; a README the user wrote is left alone; the runner adds its evaluation rows."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import yaml
 from test_fit import make, synthetic
@@ -68,6 +70,7 @@ def test_a_saved_reranker_is_a_pyterrier_artifact(tiny_model_dir, tmp_path, monk
     assert isinstance(loaded, CrossEncoder) and loaded.max_length == ce.max_length
     np.testing.assert_allclose(loaded(candidates)["score"], ce(candidates)["score"], atol=1e-6)
     package = ce.build_package(str(tmp_path / "ranker.tar.lz4"), verbose=False)  # what to_hf uploads
+    assert package.endswith("ranker.tar.lz4")
     monkeypatch.setattr(pt.io, "pyterrier_home", lambda: str(tmp_path / "home"))  # the download cache
     import functools
     import http.server
@@ -77,7 +80,7 @@ def test_a_saved_reranker_is_a_pyterrier_artifact(tiny_model_dir, tmp_path, monk
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # a web server on this machine
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        fetched = pt.Artifact.from_url(f"http://127.0.0.1:{server.server_port}/ranker.tar.lz4")
+        fetched = pt.Artifact.from_url(f"http://127.0.0.1:{server.server_port}/{Path(package).name}")
     finally:
         server.shutdown()
     assert isinstance(fetched, CrossEncoder)
