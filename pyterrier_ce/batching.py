@@ -14,7 +14,8 @@ from .prompts import tokenize_prompts
 def as_strings(column) -> List[str]:
     """A column's values as Python strings. Not through pandas' string dtype, which (Arrow-backed)
     refuses text that is not valid UTF-8 before the tokenizer could name the row."""
-    return [value if isinstance(value, str) else str(value) for value in column.tolist()]
+    values = column.tolist() if hasattr(column, "tolist") else list(column)
+    return [value if isinstance(value, str) else str(value) for value in values]
 
 
 # Characters kept of each side of a pair before tokenising, per token of the budget (see tokenize_pairs).

@@ -126,6 +126,8 @@ class Candidates:
             known = (q >= 0) & (d >= 0)
             found_keys.append((q[known].astype(np.int64) << 32) | d[known])
             found_values.append(np.asarray(values, dtype=np.float64)[known])
+        if not found_keys:  # an empty run: nothing given
+            return np.full(len(self), np.nan)
         keys, first = np.unique(np.concatenate(found_keys), return_index=True)
         given = np.concatenate(found_values)[first]
         aligned = np.full(len(self), np.nan)

@@ -237,3 +237,11 @@ def test_a_parquet_teacher_run_scores_as_the_trec_one(task, on_disk, tmp_path):
     np.testing.assert_allclose(RunTeacher(tmp_path / "teacher.parquet").scores_of(candidates),
                                RunTeacher(tmp_path / "teacher.gz").scores_of(candidates))
     assert len(RunTeacher(tmp_path / "teacher.parquet").run) == len(frame)
+
+
+def test_plain_lists_and_empty_runs_align(on_disk):
+    candidates, _ = on_disk
+    first = candidates.docno_strings(np.arange(1))
+    aligned = candidates.align([candidates.qids[0]], first, np.array([2.5]))  # lists, not Series
+    assert aligned[0] == 2.5 and np.isnan(aligned[1:]).all()
+    assert np.isnan(candidates.align_chunks(iter([]))).all()
