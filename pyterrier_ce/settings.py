@@ -84,6 +84,12 @@ class TrainingSettings:
             (frame or TREC file, scores or ranks), a list of those, or a ``teachers.Ensemble``.
         teacher_cache: Folder caching a pipeline teacher's scores (default
             ``$PYTERRIER_CE_CACHE/teachers``, else ``~/.cache/pyterrier-ce/teachers``); ``False``: none.
+        report_to: Experiment trackers through Accelerate: ``"tensorboard"``, ``"wandb"``,
+            ``"mlflow"`` (or a list); loss, learning rate, throughput and validation values are
+            logged each step, the run's settings as its config (the tracker's package must be
+            installed; wandb's offline mode: ``WANDB_MODE=offline``).
+        tracking_dir: Where trackers write (default ``checkpoint_dir/tracking``, else
+            ``./pyterrier-ce-tracking``).
         text_source: Where the texts of candidates given without text come from: a docstore
             (ir_datasets ``docs_store()``), an ir_datasets or ``irds:`` dataset, or a transformer
             adding the text (``dataset.text_loader()``). Only the texts of the next steps' groups
@@ -124,6 +130,8 @@ class TrainingSettings:
     teacher: Any = None
     teacher_cache: Any = None
     text_source: Any = None
+    report_to: Any = None
+    tracking_dir: Optional[str] = None
 
     @classmethod
     def names(cls) -> list[str]:

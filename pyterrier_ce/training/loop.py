@@ -56,7 +56,10 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: Trai
     # Accelerate keeps one process-wide state; a later fit with another precision (in the same
     # notebook, say) must start from a fresh one. The process group itself is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=_MIXED[plan.precision])
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=_MIXED[plan.precision],
+                              log_with=plan.report_to, project_dir=plan.tracking_dir)
+    if plan.report_to:
+        accelerator.init_trackers("pyterrier-ce", config=_flat(plan.record()))
     best = BestWeights(plan.checkpoint_dir / "best" if plan.checkpoint_dir else None, save_model,
                        processes.is_main())
     torch.manual_seed(plan.seed)
@@ -72,6 +75,8 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: Trai
             accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)  # the plain forward back
     if validator is not None and validator.best_step not in (None, step):
         best.restore(model)  # the model that is kept is the best validated one
+    if plan.report_to:
+        accelerator.end_training()  # flushes and closes the trackers
     log.write(event="end", step=step, best=validator.best if validator else None,
               best_step=validator.best_step if validator else None, elapsed_s=elapsed_s)
     return model
@@ -125,6 +130,10 @@ def _run_steps(model, accelerator: Accelerator, optimizer, scheduler, tokenizer,
                   elapsed_s=round(time.perf_counter() - started, 3))
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **_best_so_far(validator))
         bar.update(1)
+        if plan.report_to:
+            elapsed = time.perf_counter() - started
+            accelerator.log({"train/loss": loss, "train/lr": lr,
+                             "train/groups_per_s": _groups_done(plan, step) / max(elapsed, 1e-9)}, step=step)
 
         done = step >= plan.total_steps
         stop = False
@@ -133,6 +142,8 @@ def _run_steps(model, accelerator: Accelerator, optimizer, scheduler, tokenizer,
             if improved:
                 best.keep(accelerator.unwrap_model(model))
             log.write(event="valid", step=step, metric=str(validator.measure), value=value, best=validator.best)
+            if plan.report_to:
+                accelerator.log({f"valid/{validator.measure}": value}, step=step)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **_best_so_far(validator))
             stop = validator.out_of_patience
             if checkpoints is not None and not plan.checkpoint_every:
@@ -183,3 +194,8 @@ def _check_same_data(accelerator: Accelerator, digest: int) -> None:
             "The training groups differ between processes: every process of `accelerate launch` must call "
             "fit with the same train frame, qrels and settings (sort the candidates by qid and rank, and use "
             "a deterministic first stage).")
+
+
+def _flat(record: dict) -> dict:
+    """A run record as trackers take a config: numbers, strings and booleans; the rest as text."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in record.items()}

@@ -56,6 +56,9 @@ class TrainingPlan:
     template: Optional[str]
     #: Negatives are never taken from the first skip_top first-stage ranks.
     skip_top: int
+    #: Experiment trackers (Accelerate's ``log_with``) and where they write.
+    report_to: Any
+    tracking_dir: Optional[Path]
     # validation and checkpoints
     eval_every: Optional[int]
     eval_metric: str
@@ -123,7 +126,9 @@ def plan_training(settings: TrainingSettings, *, objective: torch.nn.Module, gro
         frozen_layers=s.frozen_layers, dropout=s.dropout, attention_dropout=s.attention_dropout,
         precision=dtype_name(resolve_precision(precision, device, training=True)),
         gradient_checkpointing=s.gradient_checkpointing, lora=check_lora(s.lora), template=template,
-        skip_top=s.skip_top,
+        skip_top=s.skip_top, report_to=s.report_to,
+        tracking_dir=(Path(s.tracking_dir) if s.tracking_dir else checkpoint_dir / "tracking" if checkpoint_dir
+                      else Path("pyterrier-ce-tracking")) if s.report_to else None,
         eval_every=s.eval_every, eval_metric=s.eval_metric, patience=s.patience, checkpoint_dir=checkpoint_dir,
         checkpoint_every=s.checkpoint_every, resume=s.resume, log_file=Path(log_file) if log_file else None,
         origin=origin,
