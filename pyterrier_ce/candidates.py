@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
@@ -84,6 +84,7 @@ class Candidates:
     source_rows: np.ndarray
     texts: Optional[np.ndarray] = None
     dropped_duplicates: int = 0
+    _bounds: Optional[np.ndarray] = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.qid_codes)
@@ -98,8 +99,13 @@ class Candidates:
         return sum(a.nbytes for a in (self.qid_codes, self.docno_codes, self.source_rows))
 
     def query_bounds(self) -> np.ndarray:
-        """Row offsets of each query code: query ``q`` holds rows ``bounds[q]:bounds[q + 1]``."""
-        return np.concatenate([[0], np.cumsum(np.bincount(self.qid_codes, minlength=len(self.qids)))])
+        """Row offsets of each query code: query ``q`` holds rows ``bounds[q]:bounds[q + 1]``.
+
+        Computed once (the rows never change): callers ask per chunk of a 50M-row run."""
+        if self._bounds is None:
+            counts = np.bincount(self.qid_codes, minlength=len(self.qids))
+            self._bounds = np.concatenate([[0], np.cumsum(counts)])
+        return self._bounds
 
     def docno_strings(self, rows: np.ndarray) -> List[str]:
         return self.docnos.strings()[self.docno_codes[rows]].tolist()

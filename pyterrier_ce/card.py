@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from .history import training_seconds
 from .loading import looks_like_a_path
 
 MARKER = "<!-- model card written by pyterrier-ce -->"
@@ -69,11 +70,8 @@ def model_card(name: str, base_model: Optional[str], history_rows: List[Dict[str
     if steps:
         head, tail = steps[:10], steps[-10:]
         mean = lambda rows: sum(r["loss"] for r in rows) / len(rows)  # noqa: E731
-        # the elapsed time restarts with each resumed part of a run: add up the parts
-        seconds = sum(r.get("elapsed_s", 0) for r, after in zip(steps, steps[1:] + [None])
-                      if after is None or after.get("elapsed_s", 0) < r.get("elapsed_s", 0))
         lines += [f"Loss {mean(head):.4f} (first {len(head)} steps) -> {mean(tail):.4f} (last {len(tail)}); "
-                  f"{seconds / 60:.1f} minutes of training.", ""]
+                  f"{training_seconds(steps) / 60:.1f} minutes of training.", ""]
     valid = [r for r in history_rows if r.get("event") == "valid"]
     if valid:
         lines += ["### Validation", ""] + table_lines([{"step": r["step"], "metric": r["metric"],

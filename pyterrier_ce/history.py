@@ -54,6 +54,13 @@ class TrainingLog:
         return log
 
 
+def training_seconds(steps: List[Dict[str, Any]]) -> float:
+    """The training time of a run's step rows: ``elapsed_s`` restarts with each resumed part of
+    a run, so the parts' last values are added up."""
+    return sum(r.get("elapsed_s", 0) for r, after in zip(steps, steps[1:] + [None])
+               if after is None or after.get("elapsed_s", 0) < r.get("elapsed_s", 0))
+
+
 def plot_training_log(log: Union[TrainingLog, str, os.PathLike], *, smooth: int = 20, ax=None, label: str = ""):
     """Plots the loss (moving average over ``smooth`` steps) and validation values of a run.
 

@@ -23,6 +23,11 @@ IRDS_PREFIX = "irds:"
 WHOLE = "all"
 
 
+def split_id(collection: str, split: str) -> str:
+    """The ir_datasets id of ``collection``'s ``split`` (:data:`WHOLE`: the collection itself)."""
+    return collection if split == WHOLE else f"{collection}/{split}"
+
+
 class IrdsDataset:
     """An ir_datasets collection (``docs``) whose splits are its sub-datasets (queries, qrels).
 
@@ -56,10 +61,8 @@ class IrdsDataset:
     def _split(self, split: Optional[str]):
         if split is None:
             raise ValueError(f"Name a split of {self.irds_id} (the part of its id after the collection, e.g. 'test').")
-        if split == WHOLE:
-            return pt.get_dataset(f"irds:{self.irds_id}")
         try:
-            return pt.get_dataset(f"irds:{self.irds_id}/{split}")
+            return pt.get_dataset(f"irds:{split_id(self.irds_id, split)}")
         except KeyError:
             raise ValueError(f"ir_datasets has no split {self.irds_id}/{split}.") from None
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pyterrier as pt
 
 from .. import processes
@@ -106,11 +107,11 @@ class CandidateSets:
         if spec.positives_only:
             relevant = self.qrels(spec).query("label > 0")[["qid", "docno"]].astype(str)
             found = set()
-            for part in read_parts(folder):
-                found |= set(part[["qid", "docno"]].merge(relevant)["qid"])
+            for part in read_parts(folder, ["qid", "docno"]):
+                found |= set(part.merge(relevant)["qid"])
             topics = topics[topics["qid"].isin(found)].reset_index(drop=True)
         write_file(folder / "topics.parquet", lambda tmp: topics.to_parquet(tmp, index=False))
-        rows = sum(len(part) for part in read_parts(folder))
+        rows = sum(pq.ParquetFile(path).metadata.num_rows for path in part_files(folder))  # no data read
         self.log(f"{spec.name}: {len(topics)} queries, {rows} candidates ({spec.describe()})")
         write_file(folder / "done", lambda tmp: tmp.write_text(json.dumps(spec.key(), default=str)))
 
@@ -207,12 +208,16 @@ class CandidateSets:
         return Candidates.from_chunks(parts, topics)
 
 
-def read_parts(folder: Path) -> Iterator[pd.DataFrame]:
-    """The first-stage results of a candidates folder, a part at a time."""
-    for path in sorted((folder / "parts").glob("*.parquet")):
-        part = pd.read_parquet(path)
-        yield part.assign(qid=part["qid"].astype(str), docno=part["docno"].astype(str),
-                          rank=part["rank"].to_numpy(dtype=np.int64))
+def part_files(folder: Path) -> List[Path]:
+    return sorted((folder / "parts").glob("*.parquet"))
+
+
+def read_parts(folder: Path, columns: Optional[List[str]] = None) -> Iterator[pd.DataFrame]:
+    """The first-stage results of a candidates folder (``columns`` of them), a part at a time."""
+    for path in part_files(folder):
+        part = pd.read_parquet(path, columns=columns)
+        typed = {"qid": str, "docno": str, "rank": np.int64}
+        yield part.astype({name: kind for name, kind in typed.items() if name in part.columns})
 
 
 def read_topics(path: Union[str, Path]) -> pd.DataFrame:

@@ -16,7 +16,7 @@ import pandas as pd
 
 from .. import objectives
 from ..data import BeirDataset
-from ..irds import IRDS_PREFIX, WHOLE
+from ..irds import IRDS_PREFIX, split_id
 from ..settings import TrainingSettings
 from .candidates import read_topics
 from .config import resolve_backbone, split_settings
@@ -29,7 +29,7 @@ def query_count(cfg: Config, spec: DataSpec) -> Tuple[Optional[int], str]:
         total, source = len(read_topics(spec.topics)), "topics file"
     elif spec.dataset.startswith(IRDS_PREFIX):
         collection = spec.dataset[len(IRDS_PREFIX):]
-        dataset = ir_datasets.load(collection if spec.split == WHOLE else f"{collection}/{spec.split}")
+        dataset = ir_datasets.load(split_id(collection, spec.split))
         try:
             total, source = dataset.queries_count(), "ir_datasets metadata"
         except Exception:  # no metadata (a dataset registered over local files): count them
@@ -55,7 +55,7 @@ def pair_count(cfg: Config, spec: DataSpec, queries: Optional[int]) -> Optional[
     try:
         if spec.dataset.startswith(IRDS_PREFIX):
             collection = spec.dataset[len(IRDS_PREFIX):]
-            dataset = ir_datasets.load(collection if spec.split == WHOLE else f"{collection}/{spec.split}")
+            dataset = ir_datasets.load(split_id(collection, spec.split))
             rows, total = dataset.scoreddocs_count(), dataset.queries_count()
         else:
             data = BeirDataset(cfg.data / spec.dataset)

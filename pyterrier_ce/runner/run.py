@@ -24,6 +24,7 @@ import pyterrier as pt
 
 from .. import card, processes
 from ..atomic import write_file
+from ..history import training_seconds
 from ..logs import logger
 from ..model import CrossEncoder
 from ..tables import compact
@@ -214,9 +215,7 @@ class Runner:
                 continue
             head, tail = steps[:10], steps[-10:]
             rows.append({"system": system.name, "steps": steps[-1]["step"], "groups": steps[-1]["groups"],
-                         # the elapsed time restarts with each resumed part of a run
-                         "minutes": round(sum(e["elapsed_s"] for e, after in zip(steps, steps[1:] + [None])
-                                              if after is None or after["elapsed_s"] < e["elapsed_s"]) / 60, 1),
+                         "minutes": round(training_seconds(steps) / 60, 1),
                          "loss (first 10 steps)": round(sum(e["loss"] for e in head) / len(head), 4),
                          "loss (last 10 steps)": round(sum(e["loss"] for e in tail) / len(tail), 4)})
         return pd.DataFrame(rows)
