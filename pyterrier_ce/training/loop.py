@@ -30,6 +30,7 @@ from .memory_plan import memory_plan
 from .optimiser import build_optimiser, training_mode
 from .plan import TrainingPlan
 from .steps import StepRunner
+from .tracking import start_trackers, tracked_name
 from .validation import BestWeights, Validator
 
 _MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -59,7 +60,7 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: Trai
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=_MIXED[plan.precision],
                               log_with=plan.report_to, project_dir=plan.tracking_dir)
     if plan.report_to:
-        accelerator.init_trackers("pyterrier-ce", config=_flat(plan.record()))
+        start_trackers(accelerator, plan.report_to, plan.tracking_dir, _flat(plan.record()))
     best = BestWeights(plan.checkpoint_dir / "best" if plan.checkpoint_dir else None, save_model,
                        processes.is_main())
     torch.manual_seed(plan.seed)
@@ -143,7 +144,7 @@ def _run_steps(model, accelerator: Accelerator, optimizer, scheduler, tokenizer,
                 best.keep(accelerator.unwrap_model(model))
             log.write(event="valid", step=step, metric=str(validator.measure), value=value, best=validator.best)
             if plan.report_to:
-                accelerator.log({f"valid/{validator.measure}": value}, step=step)
+                accelerator.log({f"valid/{tracked_name(validator.measure)}": value}, step=step)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **_best_so_far(validator))
             stop = validator.out_of_patience
             if checkpoints is not None and not plan.checkpoint_every:
