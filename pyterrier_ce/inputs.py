@@ -132,8 +132,26 @@ def teacher_scores(s: TrainingSettings, objective: torch.nn.Module, train: Union
         )
     if s.teacher is None:
         return None
+    return _scores_by(s.teacher, s, train, text_source, text_field)
+
+
+def denoising_scores(s: TrainingSettings, objective: torch.nn.Module, train: Union[pd.DataFrame, Candidates],
+                     text_source: Optional[TextSource], text_field: str) -> Optional[np.ndarray]:
+    """The ``denoise_with`` teacher's scores of the training candidates, when negatives are denoised."""
+    if s.denoise_with is None:
+        return None
+    if objectives.distils(objective):
+        raise ValueError(
+            "denoise_with= drops negatives of label objectives; a distillation objective already trains on its "
+            "teacher's scores: drop denoise_with= or choose a label objective (infonce, bce, ranknet, ...).")
+    return _scores_by(s.denoise_with, s, train, text_source, text_field)
+
+
+def _scores_by(spec, s: TrainingSettings, train: Union[pd.DataFrame, Candidates], text_source: Optional[TextSource],
+               text_field: str) -> np.ndarray:
+    """A teacher's scores (``spec``: anything ``teacher=`` takes) of the training candidates."""
     cache = None if s.teacher_cache is False else (s.teacher_cache or default_cache_dir())
-    teacher = as_teacher(s.teacher, cache_dir=cache)
+    teacher = as_teacher(spec, cache_dir=cache)
     if isinstance(train, Candidates):
         return teacher.scores_of(train, text_source, text_field)
     if text_field not in train.columns and text_source is not None and not isinstance(teacher, RunTeacher):

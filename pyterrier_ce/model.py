@@ -21,6 +21,7 @@ from .inputs import (
     check_result_frame,
     check_values,
     checked_max_length,
+    denoising_scores,
     judgements,
     teacher_scores,
     validation_candidates,
@@ -315,7 +316,9 @@ class CrossEncoder(IdentifiedByKey, pt.Estimator, pt.Artifact):
             self.model = add_lora(self.model, lora, s.seed)  # adapters and head trainable, the rest frozen
         sampler = GroupSampler(train, train_qrels, group_size=s.group_size, negatives=s.negatives, seed=s.seed,
                                text_field=self.text_field, text_source=text_source, skip_top=s.skip_top,
-                               teacher_scores=teacher_scores(s, objective, train, text_source, self.text_field))
+                               teacher_scores=teacher_scores(s, objective, train, text_source, self.text_field),
+                               denoise_scores=denoising_scores(s, objective, train, text_source, self.text_field),
+                               denoise_threshold=s.denoise_threshold)
         plan = training.plan_training(
             s, objective=objective, groups=len(sampler), processes=processes.world_size(),
             max_length=s.train_max_length or self.max_length, precision=s.train_precision or self.precision,

@@ -51,6 +51,7 @@ class SamplingReport:
     empty_texts: int = 0
     duplicates: int = 0
     skipped_top: int = 0
+    denoised: int = 0
 
     def __str__(self) -> str:
         parts = [f"{self.used} of {self.queries} training queries used"]
@@ -70,6 +71,9 @@ class SamplingReport:
             parts.append(f"{self.duplicates} duplicate (qid, docno) rows left out")
         if self.skipped_top:
             parts.append(f"{self.skipped_top} unjudged candidates of the top first-stage ranks not used as negatives")
+        if self.denoised:
+            parts.append(f"{self.denoised} unjudged candidates the denoising teacher rates as relevant not used as "
+                         f"negatives")
         return "; ".join(parts)
 
 
@@ -89,6 +93,11 @@ class GroupSampler:
             unjudged top-ranked documents are often relevant (the false negatives RocketQA, Qu et
             al. 2021, found in MS MARCO), so hard negatives are drawn from below them. Counted in
             the report.
+        denoise_scores: A teacher's scores of the candidates (aligned as ``teacher_scores``) for
+            teacher-denoised negatives (RocketQA, Qu et al. 2021): an unjudged candidate scored
+            above ``denoise_threshold``, or without one above the lowest-scored judged positive of
+            its query, is never a negative. Counted in the report.
+        denoise_threshold: See ``denoise_scores``.
         seed: Seed of the per-epoch sampling.
         text_field: Column holding the document text.
         teacher_scores: Teacher scores (distillation), aligned with the rows of the frame (or of
@@ -119,6 +128,8 @@ class GroupSampler:
         teacher_scores: Optional[np.ndarray] = None,
         text_source: Optional[TextSource] = None,
         skip_top: int = 0,
+        denoise_scores: Optional[np.ndarray] = None,
+        denoise_threshold: Optional[float] = None,
     ):
         if group_size < 2:
             raise ValueError(f"group_size={group_size}: a group needs a positive and at least one negative.")
@@ -138,13 +149,12 @@ class GroupSampler:
         if isinstance(candidates, pd.DataFrame):
             candidates = Candidates.from_frame(candidates, text_field)
         self.candidates = candidates
-        self._teacher = None
-        if teacher_scores is not None:
-            if len(teacher_scores) != rows:
-                raise ValueError(f"{len(teacher_scores)} teacher scores for {rows} candidates.")
-            self._teacher = np.asarray(teacher_scores, dtype=np.float32)
-            if from_frame:  # the frame's rows, sorted and without repeats, as the candidates hold them
-                self._teacher = self._teacher[candidates.source_rows]
+        self._teacher = self._aligned(teacher_scores, rows, from_frame, "teacher")
+        if denoise_scores is not None and teacher_scores is not None:
+            raise ValueError("denoise_scores drop negatives of label training; with teacher_scores the targets "
+                             "are already the teacher's.")
+        self._denoise = self._aligned(denoise_scores, rows, from_frame, "denoising teacher")
+        self.denoise_threshold = denoise_threshold
         if candidates.texts is None and text_source is None:
             raise ValueError(f"The training candidates have no `{text_field}`: add it (e.g. dataset.text_loader()) "
                              f"or give text_source= (a text loader, or an ir_datasets docs_store()).")
@@ -154,6 +164,18 @@ class GroupSampler:
         self._labels = self._row_labels(qrels)
         self._bounds = candidates.query_bounds()
         self._used = self._usable_queries()
+
+    def _aligned(self, scores: Optional[np.ndarray], rows: int, from_frame: bool, what: str) -> Optional[np.ndarray]:
+        """Scores of the given rows as the candidates hold them (sorted, without repeats)."""
+        if scores is None:
+            return None
+        if len(scores) != rows:
+            raise ValueError(f"{len(scores)} {what} scores for {rows} candidates.")
+        scores = np.asarray(scores, dtype=np.float32)
+        if what != "teacher" and np.isnan(scores).any():
+            raise ValueError(f"The {what} has no score for {int(np.isnan(scores).sum())} training candidates: "
+                             f"give it a score for every candidate (e.g. the same first stage's run).")
+        return scores[self.candidates.source_rows] if from_frame else scores
 
     def _rows_with_text(self) -> np.ndarray:
         """Rows whose text is not empty (every row when texts come on demand); warns of the others."""
@@ -199,9 +221,13 @@ class GroupSampler:
         codes = c.qid_codes[self._usable]
         relevant = self._labels > 0
         positives = np.bincount(codes[relevant[self._usable]], minlength=len(c.qids))
-        # unjudged candidates above skip_top are not negatives: left out of the counts too
-        self._kept = self._usable & (relevant | (self._rank_positions() >= self.skip_top))
-        skipped = self._usable & ~self._kept
+        # unjudged candidates above skip_top, or that the denoising teacher rates as relevant, are
+        # not negatives: left out of the counts too
+        below_top = self._rank_positions() >= self.skip_top
+        noisy = self._rated_relevant(relevant)
+        self._kept = self._usable & (relevant | (below_top & ~noisy))
+        skipped = self._usable & ~relevant & ~below_top
+        denoised = self._usable & ~relevant & below_top & noisy
         rows = np.bincount(c.qid_codes[self._kept], minlength=len(c.qids))
         present = rows > 0
         report.queries = int(present.sum())
@@ -219,6 +245,7 @@ class GroupSampler:
         report.short_groups = int((left & (size < self.group_size)).sum())
         report.used = int(left.sum())
         report.skipped_top = int(left[c.qid_codes[skipped]].sum())
+        report.denoised = int(left[c.qid_codes[denoised]].sum())
         if not report.used:
             raise ValueError(
                 f"No usable training query ({report}): each needs a judged-relevant document and another "
@@ -226,6 +253,20 @@ class GroupSampler:
                 f"Check that train and train_qrels share qids and docnos, or retrieve deeper candidates."
             )
         return np.flatnonzero(left)
+
+    def _rated_relevant(self, relevant: np.ndarray) -> np.ndarray:
+        """Rows the denoising teacher rates as relevant: above the threshold, or else above the
+        lowest-scored judged positive of their query (none for a query without a positive)."""
+        scores = self._denoise
+        if scores is None:
+            return np.zeros(len(self.candidates), dtype=bool)
+        if self.denoise_threshold is not None:
+            return scores > self.denoise_threshold
+        codes = self.candidates.qid_codes
+        lowest_positive = np.full(len(self.candidates.qids), np.inf, dtype=np.float32)
+        judged = relevant & self._usable
+        np.minimum.at(lowest_positive, codes[judged], scores[judged])
+        return scores > lowest_positive[codes]
 
     def _rank_positions(self) -> np.ndarray:
         """Each row's position in its query's first-stage order (0 = top)."""

@@ -29,6 +29,15 @@ class TrainingSettings:
             ``"mixed"`` (half the hardest, half at random; see :class:`~pyterrier_ce.sampling.GroupSampler`).
         skip_top: Never take negatives from the first ``skip_top`` first-stage ranks (unjudged
             top documents are often relevant: RocketQA's false negatives).
+        denoise_with: Teacher-denoised negatives (RocketQA, Qu et al. 2021, NAACL: a cross-encoder
+            removes the hard negatives it rates as relevant): a teacher (anything ``teacher=``
+            takes: a pipeline, a run, an ensemble) scores the training candidates, and an
+            unjudged candidate is not a negative when it scores above ``denoise_threshold``, or,
+            without a threshold, above its query's lowest-scored judged positive (it ranks above
+            a known relevant document). Counted in the sampling report. For label objectives
+            (with a distillation objective the teacher's scores are already the targets).
+        denoise_threshold: The teacher score above which an unjudged candidate is dropped (in the
+            teacher's own scale, e.g. a logit); ``None``: above the query's positive.
         train_batch_size: Query groups per forward pass.
         grad_accum_steps: Forward passes accumulated per optimiser step.
         epochs: Passes over the training queries (ignored once ``max_steps`` is reached).
@@ -101,6 +110,8 @@ class TrainingSettings:
     group_size: int = 4
     negatives: str = "random"
     skip_top: int = 0
+    denoise_with: Any = None
+    denoise_threshold: Optional[float] = None
     train_batch_size: int = 16
     grad_accum_steps: int = 1
     epochs: int = 1
@@ -183,6 +194,8 @@ class TrainingSettings:
 
     def check_complete(self) -> None:
         """Refuses combinations that cannot train: run on the settings ``fit`` resolved."""
+        if self.denoise_threshold is not None and self.denoise_with is None:
+            raise ValueError("denoise_threshold needs denoise_with=, the teacher whose scores it thresholds.")
         if (self.resume or self.checkpoint_every) and not self.checkpoint_dir:
             raise ValueError("resume and checkpoint_every need a checkpoint_dir: pass checkpoint_dir= "
                              "(to the constructor or to fit).")
@@ -191,8 +204,8 @@ class TrainingSettings:
 # Settings that hold a whole number, and those that hold any number (besides None or a word such as "auto").
 _INTEGERS = ("group_size", "train_batch_size", "grad_accum_steps", "epochs", "max_steps", "frozen_layers",
              "train_max_length", "seed", "eval_every", "patience", "checkpoint_every", "skip_top")
-_NUMBERS = ("lr", "head_lr", "layer_decay", "warmup", "weight_decay", "dropout", "attention_dropout",
-            "max_grad_norm")
+_NUMBERS = ("denoise_threshold", "lr", "head_lr", "layer_decay", "warmup", "weight_decay", "dropout",
+            "attention_dropout", "max_grad_norm")
 
 
 def _coerced(name: str, value: Any) -> Any:

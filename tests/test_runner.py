@@ -100,6 +100,27 @@ def test_distillation_from_a_teacher_run(config, tmp_path):
     assert '"objective": "margin_mse"' in log
 
 
+def test_negatives_denoised_by_a_teacher_run(config, tmp_path):
+    teacher = tmp_path / "teacher.run"
+    # every unjudged candidate scores above every judged one: each is dropped as a negative
+    teacher.write_text("".join(f"{q} Q0 d{d} {d} {d + 100} llm\n" for q in range(8) for d in range(60)))
+    models = [{"name": "plain", "backbone": config["models"][0]["backbone"]},
+              {"name": "denoised", "backbone": config["models"][0]["backbone"],
+               "settings": {"denoise_with": {"run": str(teacher)}, "denoise_threshold": 10}}]
+    config = {**config, "models": models, "objectives": ["infonce"], "evaluate": config["evaluate"][:1],
+              "workdir": str(tmp_path / "refused")}
+    with pytest.raises(ConfigError, match="denoise_with: run missing.run does not exist"):
+        load_config({**config, "models": [{**models[1], "settings": {"denoise_with": {"run": "missing.run"}}}]})
+    with pytest.raises(ValueError, match="No usable training query"):
+        run_config(config)  # nothing left to contrast with: refused, not trained on positives alone
+    models[1]["settings"]["denoise_threshold"] = 140  # drops d41..d59
+    tables = run_config({**config, "workdir": str(tmp_path / "work")})
+    assert tables["toy"]["name"].tolist() == ["BM25", "plain-infonce-s1", "denoised-infonce-s1"]
+    log = (tmp_path / "work" / "logs" / "denoised-infonce-s1.jsonl").read_text()
+    assert "the denoising teacher rates as relevant" in log and "teacher score above 140" in log
+    assert "denoising" not in (tmp_path / "work" / "logs" / "plain-infonce-s1.jsonl").read_text()
+
+
 def test_an_interrupted_system_resumes_from_its_checkpoint(config, tmp_path, monkeypatch):
     from pyterrier_ce.training.steps import StepRunner
 

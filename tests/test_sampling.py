@@ -125,3 +125,58 @@ def test_fit_takes_skip_top_and_reports_it(tiny_model_dir):
     assert "16 unjudged candidates of the top first-stage ranks" in ce.history.frame("start").iloc[0]["sampling"]
     with pytest.raises(ValueError, match="skip_top must be 0 or more"):
         make(tiny_model_dir, skip_top=-1)
+
+
+def test_a_teacher_drops_the_negatives_it_rates_above_the_positive_and_they_are_counted():
+    rows = [(q, "query", f"{q}d{k}", f"text {k}", k) for q in ("q1", "q2") for k in range(8)]
+    candidates = pd.DataFrame(rows, columns=["qid", "query", "docno", "text", "rank"])
+    qrels = pd.DataFrame({"qid": ["q1", "q2"], "docno": ["q1d4", "q2d0"], "label": [1, 1]})
+    # q1: the teacher scores d0 and d6 above the positive d4 (5.0); q2: nothing above its positive
+    teacher = [5.5, 1.0, 2.0, 0.0, 5.0, 1.0, 6.0, 9.0] + [9.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    sampler = GroupSampler(candidates, qrels, group_size=6, denoise_scores=teacher, seed=2)
+    for epoch in range(20):
+        groups = {g.qid: g for g in sampler.epoch(epoch)}
+        assert groups["q1"].docnos[0] == "q1d4"
+        assert not {"q1d0", "q1d6", "q1d7"} & set(groups["q1"].docnos[1:])  # scored above q1d4's 5.0
+        assert len(groups["q2"].docnos) == 6
+    assert sampler.report.denoised == 3
+    assert "3 unjudged candidates the denoising teacher rates as relevant" in str(sampler.report)
+    # with a threshold: every unjudged candidate scored above it, whatever the positive's score
+    above = GroupSampler(candidates, qrels, group_size=6, denoise_scores=teacher, denoise_threshold=6.5)
+    assert above.report.denoised == 2  # q1d7 (9.0) and q2d7 (7.0); q2d0 (9.5) is judged relevant
+    for epoch in range(10):
+        assert not {"q1d7", "q2d7"} & {d for g in above.epoch(epoch) for d in g.docnos}
+    plain = GroupSampler(candidates, qrels, group_size=6)
+    assert plain.report.denoised == 0 and "denoising" not in str(plain.report)
+
+
+def test_denoising_needs_a_score_for_every_candidate():
+    rows = [("q1", "query", f"d{k}", f"text {k}", k) for k in range(4)]
+    candidates = pd.DataFrame(rows, columns=["qid", "query", "docno", "text", "rank"])
+    qrels = pd.DataFrame({"qid": ["q1"], "docno": ["d1"], "label": [1]})
+    with pytest.raises(ValueError, match="no score for 1 training candidates"):
+        GroupSampler(candidates, qrels, group_size=3, denoise_scores=[1.0, float("nan"), 0.0, 0.0])
+    with pytest.raises(ValueError, match="3 denoising teacher scores for 4 candidates"):
+        GroupSampler(candidates, qrels, group_size=3, denoise_scores=[1.0, 0.0, 0.0])
+
+
+def test_fit_denoises_negatives_with_a_run_or_a_pipeline_teacher(tiny_model_dir, tmp_path):
+    import pyterrier as pt
+    from test_fit import make, synthetic
+
+    candidates, qrels = synthetic(8)  # the relevant document is d2 of 6; the teacher rates d0 above it
+    run = candidates[["qid", "docno"]].assign(score=lambda f: f["docno"].str.endswith(("d0", "d2")).astype(float)
+                                              + f["docno"].str.endswith("d0") * 0.5)
+    ce = make(tiny_model_dir, max_steps=1, verbose=False).fit(candidates, qrels, denoise_with=run)
+    start = ce.history.frame("start").iloc[0]
+    assert "8 unjudged candidates the denoising teacher rates as relevant" in start["sampling"]
+    assert start["run"]["denoise"] == "teacher score above the query's lowest-scored positive"
+    teacher = pt.apply.doc_score(lambda row: float(row["docno"].endswith(("d0", "d1"))))
+    ce = make(tiny_model_dir, max_steps=1, verbose=False).fit(
+        candidates, qrels, denoise_with=teacher, denoise_threshold=0.5, teacher_cache=False)
+    assert "16 unjudged candidates the denoising teacher" in ce.history.frame("start").iloc[0]["sampling"]
+    with pytest.raises(ValueError, match="already trains on its teacher's scores"):
+        make(tiny_model_dir, max_steps=1, verbose=False).fit(candidates, qrels, objective="margin_mse", teacher=run,
+                                                             denoise_with=run)
+    with pytest.raises(ValueError, match="denoise_threshold needs denoise_with"):
+        make(tiny_model_dir, max_steps=1, verbose=False).fit(candidates, qrels, denoise_threshold=0.5)

@@ -215,12 +215,15 @@ def _measures(names: Any, where: str) -> List[str]:
     return [str(n) for n in names]
 
 
-def _check_settings(settings: Any, where: str) -> Dict[str, Any]:
+def _check_settings(settings: Any, where: str, data: Path) -> Dict[str, Any]:
     if settings is None:
         return {}
     valid = sorted(set(CONSTRUCTOR_SETTINGS) | set(TrainingSettings.names()) - set(RESERVED_SETTINGS))
     _check_keys(settings, valid, where)
-    return dict(settings)
+    settings = dict(settings)
+    if settings.get("denoise_with") is not None:  # a teacher section, as `teacher:` takes
+        settings["denoise_with"] = _teacher(settings["denoise_with"], f"{where} denoise_with", data)
+    return settings
 
 
 def split_settings(settings: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -295,7 +298,7 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Option
         _check_keys(entry, MODEL_KEYS, where)
         model = ModelSpec(name=str(_required(entry, "name", where)), backbone=str(_required(entry, "backbone", where)),
                           num_layers=entry.get("num_layers"), layers=entry.get("layers"),
-                          settings=_check_settings(entry.get("settings"), f"{where} settings"))
+                          settings=_check_settings(entry.get("settings"), f"{where} settings", data))
         if model.num_layers is not None:
             _positive_int(model.num_layers, f"{where} num_layers")
         if model.num_layers is not None and model.layers is not None:
@@ -311,7 +314,7 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Option
         _check_keys(entry, OBJECTIVE_KEYS, where)
         own_teacher = entry.get("teacher")
         objective = ObjectiveSpec(str(_required(entry, "name", where)),
-                                  _check_settings(entry.get("settings"), f"{where} settings"),
+                                  _check_settings(entry.get("settings"), f"{where} settings", data),
                                   None if own_teacher is None else _teacher(own_teacher, f"{where} teacher", data))
         if objective.name not in registry.available():
             raise ConfigError(f"{where}: unknown objective {objective.name!r}; "
@@ -361,7 +364,7 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Option
 
     config = Config(name=name, data=data, workdir=workdir, train=train, models=models, objectives=objectives,
                     evaluate=evaluate, measures=measures, seeds=list(seeds),
-                    settings=_check_settings(raw.get("settings"), "settings"), teacher=teacher,
+                    settings=_check_settings(raw.get("settings"), "settings", data), teacher=teacher,
                     correction=raw.get("correction", "holm"),
                     first_stage_name=str(raw.get("first_stage_name", "BM25")))
     config.baseline = raw.get("baseline", config.first_stage_name)

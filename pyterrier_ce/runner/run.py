@@ -180,6 +180,9 @@ class Runner:
                 with self.state.main_process_first():  # one process scores, the others read the cache
                     as_teacher(teacher, cache_dir=teacher_cache).scores_of(train, text_source)
             training["teacher_cache"] = teacher_cache
+        if training.get("denoise_with") is not None:  # a teacher section: scored (and cached) like a teacher
+            training["denoise_with"] = self.teacher(training["denoise_with"])
+            training["teacher_cache"] = str(self.path("teachers"))
         self.log(f"training {system.name}" + (" (resuming)" if (checkpoints / "last").exists() else ""))
         ce = CrossEncoder(resolve_backbone(system.model.backbone), num_layers=system.model.num_layers,
                           layers=system.model.layers, **constructor)

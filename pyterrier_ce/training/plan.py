@@ -56,6 +56,8 @@ class TrainingPlan:
     template: Optional[str]
     #: Negatives are never taken from the first skip_top first-stage ranks.
     skip_top: int
+    #: How negatives are denoised by a teacher (None: not).
+    denoise: Optional[str]
     #: Experiment trackers (Accelerate's ``log_with``) and where they write.
     report_to: Any
     tracking_dir: Optional[Path]
@@ -85,7 +87,8 @@ class TrainingPlan:
             "attention_dropout": self.attention_dropout, "max_grad_norm": self.max_grad_norm,
             "precision": self.precision, "total_steps": self.total_steps, "groups_per_step": self.groups_per_step,
             # settings added later enter the record only when used: older checkpoints still resume
-            **{k: v for k, v in (("lora", self.lora), ("skip_top", self.skip_top), ("template", self.template)) if v},
+            **{k: v for k, v in (("lora", self.lora), ("skip_top", self.skip_top), ("denoise", self.denoise),
+                                       ("template", self.template)) if v},
         }
         return json.loads(json.dumps(record, default=str))  # as it reads back from the file
 
@@ -127,6 +130,9 @@ def plan_training(settings: TrainingSettings, *, objective: torch.nn.Module, gro
         precision=dtype_name(resolve_precision(precision, device, training=True)),
         gradient_checkpointing=s.gradient_checkpointing, lora=check_lora(s.lora), template=template,
         skip_top=s.skip_top, report_to=s.report_to,
+        denoise=None if s.denoise_with is None else (
+            "teacher score above the query's lowest-scored positive" if s.denoise_threshold is None
+            else f"teacher score above {s.denoise_threshold:g}"),
         tracking_dir=(Path(s.tracking_dir) if s.tracking_dir else checkpoint_dir / "tracking" if checkpoint_dir
                       else Path("pyterrier-ce-tracking")) if s.report_to else None,
         eval_every=s.eval_every, eval_metric=s.eval_metric, patience=s.patience, checkpoint_dir=checkpoint_dir,
