@@ -49,7 +49,7 @@ def model_card(name: str, base_model: Optional[str], history_rows: List[Dict[str
         front["datasets"] = list(data["datasets"])
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", MARKER, "", f"# {name}", "",
              "A cross-encoder reranker" + (f" from `{base_model}`" if base_model else "")
-             + ", trained with [pyterrier-ce](https://github.com/) (one logit per (query, passage) pair).", "",
+             + ", trained with pyterrier-ce (one logit per (query, passage) pair).", "",
              "## Usage", "", "```python", "from pyterrier_ce import CrossEncoder",
              f'reranker = CrossEncoder("{name}")          # a PyTerrier transformer: bm25 % 100 >> reranker',
              "```", "",

@@ -53,6 +53,9 @@ def test_demo_writes_one_table_per_dataset(tiny_model_dir, tmp_path, capsys):
         assert len(table) == 2 and table["name"].iloc[1].endswith(">> CrossEncoder")
         assert "nDCG@10 p-value" in table.columns
     assert (tmp_path / "out" / "model" / "model.safetensors").exists()
+    card = (tmp_path / "out" / "model" / "README.md").read_text()
+    assert "datasets:\n- squad" in card and "First stage: BM25 (PISA) top-20." in card
+    assert "## Evaluation" in card and "trec_dl_2019 (paired t-test" in card and ">> CrossEncoder" in card
 
 
 def _cli(args, env=None, cwd=None, unset=()):
