@@ -32,6 +32,7 @@ from ..teachers import Ensemble, PipelineTeacher, RunTeacher, as_teacher
 from .candidates import CandidateSets
 from .config import load_config, resolve_backbone, resolve_factory, split_settings
 from .report import markdown
+from .seeds import has_seeds, over_seeds
 from .specs import Config, ConfigError, DataSpec, System
 
 TEACHER_SYSTEM = "teacher"  # the name of the teacher's own runs, when the config evaluates it
@@ -97,7 +98,12 @@ class Runner:
             results = pd.concat([t.assign(dataset=name) for name, t in tables.items()], ignore_index=True)
             results = results[["dataset"] + [c for c in results.columns if c != "dataset"]]
             write_file(self.path("results.csv"), lambda tmp: results.to_csv(tmp, index=False))
-            report = markdown(cfg, tables, self.candidates.held_out(), self.training_summary())
+            seed_tables = self.evaluate_over_seeds(tables) if has_seeds(cfg) else {}
+            if seed_tables:
+                over = pd.concat([t.assign(dataset=name) for name, t in seed_tables.items()], ignore_index=True)
+                over = over[["dataset"] + [c for c in over.columns if c != "dataset"]]
+                write_file(self.path("results-over-seeds.csv"), lambda tmp: over.to_csv(tmp, index=False))
+            report = markdown(cfg, tables, self.candidates.held_out(), self.training_summary(), seed_tables)
             self.add_evaluation_to_cards(tables)
             write_file(self.path("results.md"), lambda tmp: tmp.write_text(report, encoding="utf8"))
             for name, table in tables.items():
@@ -260,6 +266,23 @@ class Runner:
                 key = json.dumps(spec.key())
                 write_file(spec_file, lambda tmp, key=key: tmp.write_text(key))
 
+    def measures_of(self, spec: DataSpec) -> List[Any]:
+        # parsed here: pt.Experiment reads strings as trec_eval names, where nDCG@10 is unknown
+        return [ir_measures.parse_measure(m) for m in spec.measures or self.cfg.measures]
+
+    def evaluate_over_seeds(self, tables: Dict[str, pd.DataFrame]) -> Dict[str, pd.DataFrame]:
+        """Per evaluation set, each (model, objective) over its seeds (see :mod:`.seeds`)."""
+        systems = self.cfg.system_names()
+        result = {}
+        for spec in self.cfg.evaluate:
+            topics, _ = self.candidates(spec)
+            runs = [pt.Transformer.from_df(pt.io.read_results(str(self.run_path(spec, s)))) for s in systems]
+            measures = self.measures_of(spec)
+            per_query = pt.Experiment(runs, topics, self.candidates.qrels(spec), measures, names=systems,
+                                      perquery=True)
+            result[spec.name] = over_seeds(self.cfg, tables[spec.name], per_query, [str(m) for m in measures])
+        return result
+
     def evaluate(self) -> Dict[str, pd.DataFrame]:
         """One ``pt.Experiment`` per evaluation set over the saved runs."""
         systems = self.cfg.system_names()
@@ -269,8 +292,7 @@ class Runner:
             runs = [pt.Transformer.from_df(pt.io.read_results(str(self.run_path(spec, s)))) for s in systems]
             qrels = self.candidates.qrels(spec)
             baseline = systems.index(self.cfg.baseline) if self.cfg.baseline is not None else None
-            # parsed here: pt.Experiment reads strings as trec_eval names, where nDCG@10 is unknown
-            measures = [ir_measures.parse_measure(m) for m in spec.measures or self.cfg.measures]
+            measures = self.measures_of(spec)
             tables[spec.name] = pt.Experiment(
                 runs, topics, qrels, measures, names=systems, baseline=baseline,
                 correction=self.cfg.correction if baseline is not None else None)
