@@ -107,10 +107,29 @@ def check_distillation(notebook: nbformat.NotebookNode, work: Path) -> None:
     assert has_image(notebook)
 
 
+def check_llm(notebook: nbformat.NotebookNode, work: Path) -> None:
+    import re
+
+    full, lora, checkpointed = [line for line in outputs(notebook, "memory")[0].splitlines() if "memory plan" in line]
+    trainable = [int(re.search(r"\(([\d,]+) trainable\)", line).group(1).replace(",", ""))
+                 for line in (full, lora, checkpointed)]
+    assert trainable[1] == trainable[2] < trainable[0] / 10  # LoRA trains adapters and the head only
+    in_all = [float(re.search(r"~([\d.]+) GB in all", line).group(1)) for line in (full, lora, checkpointed)]
+    assert in_all[2] < in_all[1] < in_all[0]
+    assert "max |alone - batched| = 0.00e+00, max |batched - reversed| = 0.00e+00" in outputs(notebook, "batch")[0]
+    saved = outputs(notebook, "save")[0]
+    assert "reloaded: max |score diff| = 0.00e+00" in saved
+    difference = float(re.search(r"transformers on the merged folder: max \|score diff\| = (\S+)", saved).group(1))
+    assert difference < 1e-4
+    assert (work / "qwen-lora" / "adapter_model.safetensors").exists()
+    assert (work / "qwen-merged" / "model.safetensors").exists()
+
+
 CHECKS: Dict[str, Callable[[nbformat.NotebookNode, Path], None]] = {
     "01_quick_start": check_quick_start,
     "02_objectives": check_objectives,
     "03_distillation": check_distillation,
+    "04_llm_rerankers": check_llm,
 }
 
 

@@ -286,13 +286,15 @@ def test_distillation_configs_parse(data_dir, tmp_path, monkeypatch):
         (data_dir / name).symlink_to(data_dir / "toy", target_is_directory=True)
     monkeypatch.chdir(tmp_path)
     systems = {}
-    for name in ("distillation-L3", "distillation-L2", "distillation-vs-bce"):
+    for name in ("distillation-L3", "distillation-L2", "distillation-vs-bce", "same-size-distillation"):
         config = load_config(REPO / "configs" / f"{name}.yaml", data=data_dir)
         assert config.teacher_evaluated and config.train.positives_only
         systems[name] = config.system_names()
     assert systems["distillation-L3"] == ["BM25", "teacher", "L3-infonce-s42", "L3-margin_mse-s42", "L3-kl-s42",
                                           "L3-distill_ranknet-s42", "L3-adr_mse-s42"]
     assert systems["distillation-vs-bce"][2:] == ["L3-bce-s42", "L3-infonce-s42", "L3-margin_mse-s42"]
+    assert systems["same-size-distillation"][2:] == ["L6-infonce-s1", "L6-infonce-s2", "L6-kl-s1", "L6-kl-s2",
+                                                     "L6-margin_mse-s1", "L6-margin_mse-s2"]
 
 
 def test_a_grid_over_an_ir_datasets_collection(toy_irds, tiny_model_dir, tmp_path):
