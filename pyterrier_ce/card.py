@@ -65,7 +65,9 @@ def model_card(name: str, base_model: Optional[str], history_rows: List[Dict[str
                   f"{start.get('groups_per_step')} query groups; {rates}.", "", f"Data: {start.get('sampling')}."]
         for key in ("datasets", "first_stage", "teacher", "queries"):
             if data.get(key):
-                lines.append(f"{key.replace('_', ' ').capitalize()}: {data[key]}.")
+                value = data[key]
+                value = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+                lines.append(f"{key.replace('_', ' ').capitalize()}: {value}.")
         lines += ["", "Settings:", ""] + table_lines([{k: v for k, v in run.items() if k != "model"}]) + [""]
     if steps:
         head, tail = steps[:10], steps[-10:]

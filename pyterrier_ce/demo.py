@@ -24,7 +24,7 @@ from .first_stage import bm25_pipeline, quiet_native_output
 from .irds import IRDS_PREFIX, IrdsDataset
 from .logs import logger
 from .model import CrossEncoder
-from .tables import compact
+from .tables import compact, markdown_table
 
 
 def default_model() -> str:
@@ -133,7 +133,7 @@ def run_demo(cfg: DemoConfig, save: Optional[Path] = None) -> Dict[str, pd.DataF
         ce.save_pretrained(save / "model")
         readme = save / "model" / "README.md"
         evaluation = "\n\n".join(f"{name} (paired t-test against the first stage, Holm):\n\n" + "\n".join(
-            card.table_lines(compact(table).to_dict("records"))) for name, table in tables.items())
+            markdown_table(compact(table))) for name, table in tables.items())
         write_file(readme, lambda tmp: tmp.write_text(card.with_evaluation(readme.read_text(encoding="utf8"),
                                                                             evaluation), encoding="utf8"))
         logger.info(f"\nTables and the trained model saved in {save}")

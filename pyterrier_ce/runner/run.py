@@ -27,7 +27,7 @@ from ..atomic import write_file
 from ..history import training_seconds
 from ..logs import logger
 from ..model import CrossEncoder
-from ..tables import compact
+from ..tables import compact, markdown_table
 from ..teachers import Ensemble, PipelineTeacher, RunTeacher, as_teacher
 from .candidates import CandidateSets
 from .config import load_config, resolve_backbone, resolve_factory, split_settings
@@ -243,7 +243,7 @@ class Runner:
             found = found[["dataset"] + [c for c in found.columns if c not in ("dataset", "name")]]
             text = (f"Reranking each set's first stage ({self.cfg.first_stage_name}); p-values against "
                     f"{self.cfg.baseline} ({self.cfg.correction} correction), from `pyterrier-ce run` of "
-                    f"{self.cfg.name}:\n\n" + "\n".join(card.table_lines(found.to_dict("records"))))
+                    f"{self.cfg.name}:\n\n" + "\n".join(markdown_table(found)))
             updated = card.with_evaluation(path.read_text(encoding="utf8"), text)
             write_file(path, lambda tmp, updated=updated: tmp.write_text(updated, encoding="utf8"))
 
