@@ -9,10 +9,10 @@ import pandas as pd
 import pyterrier as pt
 import torch
 
-from . import objectives
+from . import objectives, processes
 from .candidates import Candidates
 from .settings import TrainingSettings, default_cache_dir
-from .teachers import RunTeacher, as_teacher
+from .teachers import PipelineTeacher, RunTeacher, as_teacher
 from .texts import TextSource
 
 
@@ -152,6 +152,12 @@ def _scores_by(spec, s: TrainingSettings, train: Union[pd.DataFrame, Candidates]
     """A teacher's scores (``spec``: anything ``teacher=`` takes) of the training candidates."""
     cache = None if s.teacher_cache is False else (s.teacher_cache or default_cache_dir())
     teacher = as_teacher(spec, cache_dir=cache)
+    if isinstance(teacher, PipelineTeacher) and isinstance(train, pd.DataFrame) and processes.world_size() > 1:
+        # several processes share the scoring (each a part of the queries) through compact candidates
+        compact = Candidates.from_frame(train, text_field)
+        scores = np.full(len(train), np.nan)
+        scores[compact.source_rows] = teacher.scores_of(compact, text_source, text_field)
+        return scores
     if isinstance(train, Candidates):
         return teacher.scores_of(train, text_source, text_field)
     if text_field not in train.columns and text_source is not None and not isinstance(teacher, RunTeacher):

@@ -16,9 +16,11 @@ import pandas as pd
 import pyterrier as pt
 from pyterrier_caching import ScorerCache
 
+from . import processes
 from .atomic import write_file
 from .candidates import Candidates, trec_chunks
 from .identity import digest, identity_of
+from .sharded_scoring import sharded_scores
 from .texts import TextSource
 
 NORMALISATIONS = ("zscore", "minmax", None)
@@ -102,15 +104,33 @@ class PipelineTeacher(Teacher):
         self.key = key
         self.identity = ["named", key] if key is not None else identity_of(transformer)
         self.name = repr(transformer) if key is None else f"PipelineTeacher({transformer!r}, key={key!r})"
+        self._cache_path: Optional[Path] = None  # set for one process's share of a sharded scoring
 
     def identity_key(self):
         return self.identity
 
     def cache_path(self) -> Optional[Path]:
         """The folder of this teacher's score cache (``None``: not cached)."""
+        if self._cache_path is not None:
+            return self._cache_path
         if self.cache_dir is None or self.identity is None:
             return None
         return self.cache_dir / digest([_CACHE_FORMAT, self.identity])
+
+    def with_cache_path(self, path: Path) -> "PipelineTeacher":
+        """The same teacher caching its scores in ``path`` (one process's share: see :mod:`.sharded_scoring`)."""
+        other = PipelineTeacher(self.transformer, self.cache_dir, key=self.key)
+        other._cache_path = path
+        return other
+
+    def scores_of(self, candidates: Candidates, text_source: Optional[TextSource] = None,
+                  text_field: str = "text") -> np.ndarray:
+        """As :meth:`Teacher.scores_of`; under several processes each scores a share of the
+        queries, once (:mod:`pyterrier_ce.sharded_scoring`), where the teacher has a cache."""
+        cache = self.cache_path()
+        if processes.world_size() > 1 and cache is not None and self._cache_path is None:
+            return sharded_scores(self, candidates, text_source, text_field, cache, TEACHER_CHUNK_ROWS)
+        return super().scores_of(candidates, text_source, text_field)
 
     def scores(self, candidates: pd.DataFrame) -> np.ndarray:
         path = self.cache_path()

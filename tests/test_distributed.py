@@ -121,3 +121,62 @@ def test_fewer_groups_than_processes_is_refused_rather_than_hanging(tiny_model_d
         pytest.fail("two processes training one query group hung")
     assert done.returncode != 0
     assert "1 usable training queries for 2 processes" in done.stderr
+
+
+_TEACHER_SCRIPT = textwrap.dedent("""
+    # Each process scores a share of the queries with the teacher, once; all get every score.
+    import json, os, sys
+    import numpy as np
+    import pandas as pd
+    import pyterrier as pt
+    from pyterrier_ce import CrossEncoder
+    from pyterrier_ce.candidates import Candidates
+    from pyterrier_ce.teachers import PipelineTeacher
+
+    model, data, out = sys.argv[1:4]
+    rank = int(os.environ["RANK"])
+    scored = []
+
+    def score(row):
+        scored.append(row["docno"])
+        return float(len(row["text"]) % 7) + int(row["docno"].split("d")[-1]) / 10
+
+    teacher = PipelineTeacher(pt.apply.doc_score(score), cache_dir=f"{out}/cache", key="counting-v1")
+    candidates = pd.read_pickle(f"{data}/candidates.pkl")
+    scores = teacher.scores_of(Candidates.from_frame(candidates))
+    first = len(scored)
+    ce = CrossEncoder(model, max_length=32, group_size=4, max_steps=1, device="cpu", verbose=False)
+    ce.fit(candidates, pd.read_pickle(f"{data}/qrels.pkl"), objective="margin_mse", teacher=teacher,
+           teacher_cache=f"{out}/cache")  # a frame: scored again in shares, from each share's cache
+    with open(f"{out}/scored-{rank}.json", "w") as f:
+        json.dump({"first": first, "after_fit": len(scored), "scores": scores.tolist()}, f)
+""")
+
+
+def test_two_processes_share_a_pipeline_teachers_scoring(tiny_model_dir, tmp_path):
+    from pyterrier_ce.candidates import Candidates
+
+    candidates, qrels = synthetic(10)
+    candidates.to_pickle(tmp_path / "candidates.pkl")
+    qrels.to_pickle(tmp_path / "qrels.pkl")
+    (tmp_path / "teach.py").write_text(_TEACHER_SCRIPT)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(tmp_path / "teach.py"), str(tiny_model_dir), str(tmp_path), str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [json.loads((out / f"scored-{rank}.json").read_text()) for rank in (0, 1)]
+    assert runs[0]["first"] + runs[1]["first"] == len(candidates)  # every pair scored once, in all
+    assert runs[0]["first"] == runs[1]["first"] == len(candidates) // 2  # 5 queries each
+    assert [r["after_fit"] for r in runs] == [r["first"] for r in runs]  # fit read each share's cache
+    compact = Candidates.from_frame(candidates)
+    frame = compact.frame(np.arange(len(compact)))
+    expected = [float(len(t) % 7) + int(d.split("d")[-1]) / 10
+                for t, d in zip(candidates.set_index("docno").loc[frame["docno"], "text"], frame["docno"])]
+    assert runs[0]["scores"] == runs[1]["scores"] == pytest.approx(expected)
+    shards = sorted(p.name for p in (out / "cache").glob("*/shard-*") if p.is_dir())
+    assert shards == ["shard-0-of-2", "shard-1-of-2"]  # each process's own score cache
+    assert not [p for parts in (out / "cache").glob("*.parts") for p in parts.iterdir()]  # part files removed

@@ -183,8 +183,8 @@ class Runner:
             teacher = self.teacher(system.objective.teacher)
             teacher_cache = str(self.path("teachers"))
             if isinstance(teacher, CrossEncoder):
-                with self.state.main_process_first():  # one process scores, the others read the cache
-                    as_teacher(teacher, cache_dir=teacher_cache).scores_of(train, text_source)
+                # under several processes each scores a share of the queries into the cache, once
+                as_teacher(teacher, cache_dir=teacher_cache).scores_of(train, text_source)
             training["teacher_cache"] = teacher_cache
         if training.get("denoise_with") is not None:  # a teacher section: scored (and cached) like a teacher
             training["denoise_with"] = self.teacher(training["denoise_with"])
