@@ -172,10 +172,12 @@ class GroupSampler:
         if len(scores) != rows:
             raise ValueError(f"{len(scores)} {what} scores for {rows} candidates.")
         scores = np.asarray(scores, dtype=np.float32)
+        if from_frame:  # repeated rows of the frame are dropped (and may have no score)
+            scores = scores[self.candidates.source_rows]
         if what != "teacher" and np.isnan(scores).any():
             raise ValueError(f"The {what} has no score for {int(np.isnan(scores).sum())} training candidates: "
                              f"give it a score for every candidate (e.g. the same first stage's run).")
-        return scores[self.candidates.source_rows] if from_frame else scores
+        return scores
 
     def _rows_with_text(self) -> np.ndarray:
         """Rows whose text is not empty (every row when texts come on demand); warns of the others."""
