@@ -29,6 +29,8 @@ def _cell(column: str, value: Any) -> str:
         return str(int(value))  # wins and losses (floats only because the baseline row has none)
     if column.endswith("p-value corrected") or column.endswith("p-value"):
         return f"{value:.2g}" if value < 0.001 else f"{value:.3f}"
+    if column == "minutes":
+        return f"{value:.1f}"
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
