@@ -43,21 +43,26 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, tmp_path):
-    candidates, qrels = synthetic(48)
-    candidates.to_pickle(tmp_path / "candidates.pkl")
-    qrels.to_pickle(tmp_path / "qrels.pkl")
-    pd.to_pickle(SETTINGS, tmp_path / "settings.pkl")
-    (tmp_path / "train.py").write_text(_SCRIPT)
-    out = tmp_path / "ddp"
+def launch_two(script: str, candidates: pd.DataFrame, qrels: pd.DataFrame, model: Path, data: Path, out: Path) -> None:
+    """Runs ``script`` in 2 processes under torch.distributed.run, with the data pickled into ``data``."""
+    candidates.to_pickle(data / "candidates.pkl")
+    qrels.to_pickle(data / "qrels.pkl")
+    (data / "launched.py").write_text(script)
     # one thread a process: 2 processes on the CPU cores, and sums in a fixed order
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(tmp_path / "train.py"), str(tiny_model_dir), str(tmp_path), str(out)],
+         str(data / "launched.py"), str(model), str(data), str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, tmp_path):
+    candidates, qrels = synthetic(48)
+    pd.to_pickle(SETTINGS, tmp_path / "settings.pkl")
+    out = tmp_path / "ddp"
+    launch_two(_SCRIPT, candidates, qrels, tiny_model_dir, tmp_path, out)
 
     single = CrossEncoder(str(tiny_model_dir), **SETTINGS, train_batch_size=8, checkpoint_dir=str(tmp_path / "one"))
     single.fit(candidates, qrels)
@@ -157,17 +162,8 @@ def test_two_processes_share_a_pipeline_teachers_scoring(tiny_model_dir, tmp_pat
     from pyterrier_ce.candidates import Candidates
 
     candidates, qrels = synthetic(10)
-    candidates.to_pickle(tmp_path / "candidates.pkl")
-    qrels.to_pickle(tmp_path / "qrels.pkl")
-    (tmp_path / "teach.py").write_text(_TEACHER_SCRIPT)
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(tmp_path / "teach.py"), str(tiny_model_dir), str(tmp_path), str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch_two(_TEACHER_SCRIPT, candidates, qrels, tiny_model_dir, tmp_path, out)
     runs = [json.loads((out / f"scored-{rank}.json").read_text()) for rank in (0, 1)]
     assert runs[0]["first"] + runs[1]["first"] == len(candidates)  # every pair scored once, in all
     assert runs[0]["first"] == runs[1]["first"] == len(candidates) // 2  # 5 queries each
