@@ -54,6 +54,7 @@ class Runner:
         self._started = time.perf_counter()
         self.candidates = CandidateSets(config, self.state, self.log)
         self._teachers: Dict[str, Any] = {}  # loaded teachers, by their config section
+        self._evaluated: Dict[str, Any] = {}  # per evaluation set: topics, runs, qrels, measures
         self.trained: List[str] = []  # systems trained by this call
 
     def log(self, message: str) -> None:
@@ -275,11 +276,8 @@ class Runner:
         systems = self.cfg.system_names()
         result = {}
         for spec in self.cfg.evaluate:
-            topics, _ = self.candidates(spec)
-            runs = [pt.Transformer.from_df(pt.io.read_results(str(self.run_path(spec, s)))) for s in systems]
-            measures = self.measures_of(spec)
-            per_query = pt.Experiment(runs, topics, self.candidates.qrels(spec), measures, names=systems,
-                                      perquery=True)
+            topics, runs, qrels, measures = self._evaluated[spec.name]  # as evaluate() read them
+            per_query = pt.Experiment(runs, topics, qrels, measures, names=systems, perquery=True)
             result[spec.name] = over_seeds(self.cfg, tables[spec.name], per_query, [str(m) for m in measures])
         return result
 
@@ -293,6 +291,7 @@ class Runner:
             qrels = self.candidates.qrels(spec)
             baseline = systems.index(self.cfg.baseline) if self.cfg.baseline is not None else None
             measures = self.measures_of(spec)
+            self._evaluated[spec.name] = (topics, runs, qrels, measures)
             tables[spec.name] = pt.Experiment(
                 runs, topics, qrels, measures, names=systems, baseline=baseline,
                 correction=self.cfg.correction if baseline is not None else None)
