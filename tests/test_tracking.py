@@ -54,8 +54,15 @@ def test_wandb_writes_an_offline_run_in_the_tracking_dir(tiny_model_dir, tmp_pat
            tracking_dir=str(tmp_path / "tracking"))
     runs = list((tmp_path / "tracking" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    # the run file holds protobuf records; each logged item is its key then its value as JSON
-    record = next(runs[0].glob("run-*.wandb")).read_bytes()
+    # the run file holds protobuf records; each logged item is its key then its value as JSON.
+    # wandb's service process writes it: give it a moment to finish after the run is closed.
+    import time
+
+    run_file = next(runs[0].glob("run-*.wandb"))
+    deadline = time.monotonic() + 30
+    while run_file.read_bytes().count(b"train/loss") < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    record = run_file.read_bytes()
 
     def logged(key: str) -> list:
         marker = b"\x12" + bytes([len(key)]) + key.encode() + b"\x82\x01"
@@ -72,3 +79,11 @@ def test_wandb_writes_an_offline_run_in_the_tracking_dir(tiny_model_dir, tmp_pat
     assert in_order == pytest.approx(losses, rel=1e-6)
     assert len(logged("valid/nDCG_at_10")) >= 2
     assert b"infonce" in record  # the run's settings as its config
+
+
+def test_measure_names_are_ones_every_tracker_takes():
+    from pyterrier_ce.training.tracking import tracked_name
+
+    assert tracked_name("nDCG@10") == "nDCG_at_10"
+    assert tracked_name("RR(rel=2)@10") == "RR_rel_2_at_10"
+    assert tracked_name("AP") == "AP"
