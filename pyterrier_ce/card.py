@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from .atomic import write_file
 from .history import training_seconds
 from .loading import looks_like_a_path
 
@@ -90,6 +91,16 @@ def with_evaluation(card: str, evaluation_markdown: str) -> str:
     """``card`` with its evaluation section replaced by ``evaluation_markdown``."""
     body = re.split(rf"\n{re.escape(EVALUATION)}\n", card)[0].rstrip()
     return f"{body}\n\n{EVALUATION}\n\n{evaluation_markdown.strip()}\n"
+
+
+def add_evaluation(path: Path, evaluation_markdown: str) -> None:
+    """Replaces the evaluation section of the card at ``path`` (atomically); a card the user
+    wrote, or none, is left alone."""
+    path = Path(path)
+    if not path.exists() or not ours(path):
+        return
+    updated = with_evaluation(path.read_text(encoding="utf8"), evaluation_markdown)
+    write_file(path, lambda tmp: tmp.write_text(updated, encoding="utf8"))
 
 
 def card_of(reranker: Any, path: Path) -> str:

@@ -18,7 +18,6 @@ import pyterrier as pt
 from pyterrier.measures import RR, nDCG
 
 from . import card
-from .atomic import write_file
 from .data import BeirDataset, default_data_dir
 from .first_stage import bm25_pipeline, quiet_native_output
 from .irds import IRDS_PREFIX, IrdsDataset
@@ -131,11 +130,9 @@ def run_demo(cfg: DemoConfig, save: Optional[Path] = None) -> Dict[str, pd.DataF
             table.to_csv(save / f"{name}.csv", index=False)
     if save:
         ce.save_pretrained(save / "model")
-        readme = save / "model" / "README.md"
-        evaluation = "\n\n".join(f"{name} (paired t-test against the first stage, Holm):\n\n" + "\n".join(
-            markdown_table(compact(table))) for name, table in tables.items())
-        write_file(readme, lambda tmp: tmp.write_text(card.with_evaluation(readme.read_text(encoding="utf8"),
-                                                                            evaluation), encoding="utf8"))
+        card.add_evaluation(save / "model" / "README.md", "\n\n".join(
+            f"{name} (paired t-test against the first stage, Holm):\n\n" + "\n".join(markdown_table(compact(table)))
+            for name, table in tables.items()))
         logger.info(f"\nTables and the trained model saved in {save}")
     logger.info(f"\nTotal time: {(time.perf_counter() - started) / 60:.1f} min")
     return tables

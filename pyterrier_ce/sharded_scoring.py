@@ -18,6 +18,7 @@ from typing import List, Optional
 import numpy as np
 
 from . import processes
+from .atomic import write_file
 from .candidates import Candidates
 from .texts import TextSource
 
@@ -59,17 +60,11 @@ def sharded_scores(teacher, candidates: Candidates, text_source: Optional[TextSo
             size += len(mine[at])
             at += 1
         rows = np.concatenate(chunk)
-        texts = None
-        if candidates.texts is None and text_source is not None:
-            texts = text_source.texts(candidates.docno_strings(rows))
         rows_done.append(rows)
-        scores_done.append(own.scores(candidates.frame(rows, texts, text_field)))
-    part = parts / f"part-{rank}-of-{world}.npz"
+        scores_done.append(own.scores_of_rows(candidates, rows, text_source, text_field))
     rows_all = np.concatenate(rows_done) if rows_done else np.empty(0, dtype=np.int64)
     scores_all = np.concatenate(scores_done) if scores_done else np.empty(0)
-    tmp = part.with_suffix(".tmp.npz")
-    np.savez(tmp, rows=rows_all, scores=scores_all)
-    tmp.replace(part)
+    write_file(parts / f"part-{rank}-of-{world}.npz", lambda tmp: np.savez(tmp, rows=rows_all, scores=scores_all))
     processes.wait_for_everyone()
     out = np.full(len(candidates), np.nan)
     for other in range(world):

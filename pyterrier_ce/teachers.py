@@ -47,12 +47,17 @@ class Teacher:
             last_query = int(np.searchsorted(bounds, bounds[first_query] + TEACHER_CHUNK_ROWS, side="right")) - 1
             last_query = max(last_query, first_query + 1)
             rows = np.arange(bounds[first_query], bounds[last_query])
-            texts = None
-            if candidates.texts is None and text_source is not None:
-                texts = text_source.texts(candidates.docno_strings(rows))
-            out[rows] = self.scores(candidates.frame(rows, texts, text_field))
+            out[rows] = self.scores_of_rows(candidates, rows, text_source, text_field)
             first_query = last_query
         return out
+
+    def scores_of_rows(self, candidates: Candidates, rows: np.ndarray, text_source: Optional[TextSource],
+                       text_field: str) -> np.ndarray:
+        """Scores of some rows of compact candidates, their texts fetched when the candidates hold none."""
+        texts = None
+        if candidates.texts is None and text_source is not None:
+            texts = text_source.texts(candidates.docno_strings(rows))
+        return self.scores(candidates.frame(rows, texts, text_field))
 
     def __repr__(self) -> str:
         return self.name

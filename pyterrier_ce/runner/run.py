@@ -237,16 +237,13 @@ class Runner:
         baseline) in its model's card (a card the user replaced is left alone)."""
         for system in self.cfg.systems:
             path = self.path("models", system.name, "README.md")
-            if not path.exists() or not card.ours(path):
-                continue
             rows = [table[table["name"] == system.name].assign(dataset=name) for name, table in tables.items()]
             found = pd.concat(rows, ignore_index=True)
             found = found[["dataset"] + [c for c in found.columns if c not in ("dataset", "name")]]
             text = (f"Reranking each set's first stage ({self.cfg.first_stage_name}); p-values against "
                     f"{self.cfg.baseline} ({self.cfg.correction} correction), from `pyterrier-ce run` of "
                     f"{self.cfg.name}:\n\n" + "\n".join(markdown_table(found)))
-            updated = card.with_evaluation(path.read_text(encoding="utf8"), text)
-            write_file(path, lambda tmp, updated=updated: tmp.write_text(updated, encoding="utf8"))
+            card.add_evaluation(path, text)
 
     def run_path(self, spec: DataSpec, system: str) -> Path:
         return self.path("runs", spec.name, f"{system}.res.gz")
