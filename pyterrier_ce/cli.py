@@ -32,9 +32,9 @@ def _run(args: argparse.Namespace) -> None:
 
     try:
         if args.dry_run:
-            print(dry_run(load_config(args.config, data=args.data, workdir=args.workdir)))
+            print(dry_run(load_config(args.config, data=args.data, workdir=args.workdir, baseline=args.baseline)))
             return
-        run_config(args.config, data=args.data, workdir=args.workdir)
+        run_config(args.config, data=args.data, workdir=args.workdir, baseline=args.baseline)
     except ConfigError as err:
         raise ConfigError(f"{args.config}: {err}") from err
 
@@ -73,6 +73,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     run.add_argument("config", help="the experiment config (YAML), e.g. configs/objectives-small.yaml")
     run.add_argument("--data", help="folder of BEIR-layout datasets (overrides the config's `data`)")
     run.add_argument("--workdir", help="where models, runs and results go (overrides the config's `workdir`)")
+    run.add_argument("--baseline", metavar="SYSTEM",
+                     help="compare against this system instead of the config's `baseline` (what was trained and "
+                          "reranked is reused; results.csv / results.md are rewritten with the new tests)")
     run.add_argument("--dry-run", action="store_true",
                      help="resolve every dataset, model, teacher and setting and print the plan (systems, steps, "
                           "pairs to score, files) without running anything")

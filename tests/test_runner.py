@@ -88,6 +88,24 @@ def test_grid_writes_tables_and_a_rerun_trains_nothing(config, tmp_path, monkeyp
     assert tables["toy"]["name"].tolist() == SYSTEMS
 
 
+def test_another_baseline_from_the_command_line_reuses_the_grid(config, tmp_path, monkeypatch):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({**config, "evaluate": config["evaluate"][:1]}))
+    main(["run", str(path)])
+    work = tmp_path / "work"
+    runs = {p: p.stat().st_mtime_ns for p in (work / "runs").rglob("*.res.gz")}
+    monkeypatch.setattr(CrossEncoder, "fit", lambda *a, **k: pytest.fail("another baseline must not train"))
+    main(["run", str(path), "--baseline", "tiny-infonce-s1"])
+    assert {p: p.stat().st_mtime_ns for p in runs} == runs
+    table = pd.read_csv(work / "results.csv").set_index("name")
+    tested = table["nDCG@10 p-value corrected"]
+    assert tested.isna().tolist() == [False, True, False]  # BM25 and bce tested, the new baseline not
+    assert "paired t-tests against tiny-infonce-s1" in (work / "results.md").read_text()
+    with pytest.raises(SystemExit) as err:
+        main(["run", str(path), "--baseline", "tiny-nope-s1"])
+    assert "baseline 'tiny-nope-s1' is not a system" in str(err.value)
+
+
 def test_distillation_from_a_teacher_run(config, tmp_path):
     teacher = tmp_path / "teacher.run"
     # every (training query, document) pair, so the run covers any BM25 candidate

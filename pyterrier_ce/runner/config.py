@@ -248,13 +248,15 @@ def resolve_backbone(name: str) -> str:
 
 
 def load_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Optional[Union[str, os.PathLike]] = None,
-                workdir: Optional[Union[str, os.PathLike]] = None) -> Config:
+                workdir: Optional[Union[str, os.PathLike]] = None, baseline: Optional[str] = None) -> Config:
     """Reads and checks an experiment config.
 
     Args:
         source: A YAML file, or the config as a dict.
         data: Overrides the config's ``data`` folder.
         workdir: Overrides the config's ``workdir``.
+        baseline: Overrides the config's ``baseline`` (a system name): the same grid compared
+            against another of its systems, reusing what was trained and reranked.
 
     Returns:
         The checked :class:`Config`. Relative paths are relative to the current directory.
@@ -367,7 +369,7 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Option
                     settings=_check_settings(raw.get("settings"), "settings", data), teacher=teacher,
                     correction=raw.get("correction", "holm"),
                     first_stage_name=str(raw.get("first_stage_name", "BM25")))
-    config.baseline = raw.get("baseline", config.first_stage_name)
+    config.baseline = baseline if baseline is not None else raw.get("baseline", config.first_stage_name)
     valid_systems = config.system_names()
     if config.baseline is not None and config.baseline not in valid_systems:
         raise ConfigError(f"baseline {config.baseline!r} is not a system; systems: {', '.join(valid_systems)}.")

@@ -296,7 +296,8 @@ class Runner:
 
 
 def run_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Optional[Union[str, os.PathLike]] = None,
-               workdir: Optional[Union[str, os.PathLike]] = None) -> Dict[str, pd.DataFrame]:
+               workdir: Optional[Union[str, os.PathLike]] = None,
+               baseline: Optional[str] = None) -> Dict[str, pd.DataFrame]:
     """Loads a config (see :func:`load_config`) and runs it; returns one ``pt.Experiment`` table
     per evaluation set (empty on processes other than the main one)."""
-    return Runner(load_config(source, data=data, workdir=workdir)).run()
+    return Runner(load_config(source, data=data, workdir=workdir, baseline=baseline)).run()
