@@ -304,7 +304,8 @@ def test_distillation_configs_parse(data_dir, tmp_path, monkeypatch):
         (data_dir / name).symlink_to(data_dir / "toy", target_is_directory=True)
     monkeypatch.chdir(tmp_path)
     systems = {}
-    for name in ("distillation-L3", "distillation-L2", "distillation-vs-bce", "same-size-distillation"):
+    for name in ("distillation-L3", "distillation-L2", "distillation-vs-bce", "same-size-distillation",
+                 "objective-vs-size"):
         config = load_config(REPO / "configs" / f"{name}.yaml", data=data_dir)
         assert config.teacher_evaluated and config.train.positives_only
         systems[name] = config.system_names()
@@ -313,6 +314,10 @@ def test_distillation_configs_parse(data_dir, tmp_path, monkeypatch):
     assert systems["distillation-vs-bce"][2:] == ["L3-bce-s42", "L3-infonce-s42", "L3-margin_mse-s42"]
     assert systems["same-size-distillation"][2:] == ["L6-infonce-s1", "L6-infonce-s2", "L6-kl-s1", "L6-kl-s2",
                                                      "L6-margin_mse-s1", "L6-margin_mse-s2"]
+    # the objective-vs-size grid shares the same-size grid's 6-layer InfoNCE and MarginMSE students
+    size_grid = set(systems["objective-vs-size"])
+    assert {"L6-bce-s1", "L3-bce-s2", "L3-margin_mse-s1"} <= size_grid
+    assert set(systems["same-size-distillation"]) - size_grid == {"L6-kl-s1", "L6-kl-s2"}
 
 
 def test_a_grid_over_an_ir_datasets_collection(toy_irds, tiny_model_dir, tmp_path):
