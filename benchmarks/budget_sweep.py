@@ -5,12 +5,19 @@ reranks BM25 top-20 of SQuAD dev questions (held-out articles). Settings are cho
 ``--final`` evaluates on SQuAD test and TREC DL 2019 instead, with significance against BM25.
 Appends one JSON row per run to ``--out/results.jsonl`` and keeps each run's training log.
 
+``--train-seconds S`` sizes the run by time instead of ``--train-queries``: a short timed run of
+``--probe-steps`` steps (the same settings, on other questions) measures the seconds per step,
+and the run then takes as many training questions as S seconds of steps use (at most the
+split's). The learning-rate schedule is planned for that run as for any other.
+
     python benchmarks/budget_sweep.py --name lr2e-4 --settings '{"lr": 2e-4, "group_size": 4}'
+    python benchmarks/budget_sweep.py --name gpu --final --train-seconds 150 --tables demo.md
 """
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +28,8 @@ from pyterrier.measures import RR, nDCG
 from pyterrier_ce import BeirDataset, CrossEncoder
 from pyterrier_ce.demo import experiment
 from pyterrier_ce.first_stage import bm25_pipeline, quiet_native_output
-from pyterrier_ce.tables import compact
+from pyterrier_ce.settings import TrainingSettings
+from pyterrier_ce.tables import compact, markdown_table
 
 
 def summary(prefix: str, table, rr: str) -> dict:
@@ -34,11 +42,31 @@ def summary(prefix: str, table, rr: str) -> dict:
     return out
 
 
+def queries_for(seconds: float, squad, bm25, settings: dict, extra: dict, args) -> tuple:
+    """(training questions that ``seconds`` of training steps use, seconds per step), from a timed
+    run of ``args.probe_steps`` steps on other questions (its first third is not timed)."""
+    per_step = (settings.get("train_batch_size", TrainingSettings.train_batch_size)
+                * settings.get("grad_accum_steps", TrainingSettings.grad_accum_steps))
+    topics = squad.get_topics("train").sample(n=args.probe_steps * per_step, random_state=args.seed + 1)
+    with quiet_native_output():
+        candidates = bm25(topics)
+    probe = CrossEncoder(minilm_path(), seed=args.seed, **extra, **{**settings, "max_steps": args.probe_steps})
+    probe.fit(candidates, squad.get_qrels("train"))
+    elapsed = probe.history.frame("step")["elapsed_s"]
+    skip = max(1, len(elapsed) // 3)
+    step_s = float(elapsed.iloc[-1] - elapsed.iloc[skip - 1]) / max(1, len(elapsed) - skip)
+    del probe
+    return int(seconds / max(step_s, 1e-6)) * per_step, step_s
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", required=True)
     parser.add_argument("--settings", default="{}", help="JSON of CrossEncoder training settings")
     parser.add_argument("--train-queries", type=int, default=2000)
+    parser.add_argument("--train-seconds", type=float, default=None,
+                        help="train for about this many seconds: --train-queries from a timed probe run")
+    parser.add_argument("--probe-steps", type=int, default=30, help="steps of the --train-seconds probe run")
     parser.add_argument("--train-depth", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=None)
     parser.add_argument("--dev-queries", type=int, default=400)
@@ -46,6 +74,9 @@ def main() -> None:
     parser.add_argument("--final", action="store_true", help="evaluate on SQuAD test + TREC DL 2019 instead of dev")
     parser.add_argument("--test-queries", type=int, default=300)
     parser.add_argument("--final-dl", default="trec_dl_2019,trec_dl_2020", help="TREC DL sets of --final")
+    parser.add_argument("--dl-queries", type=int, default=None, help="the first N topics of each TREC DL set "
+                        "(default: all)")
+    parser.add_argument("--tables", default=None, help="also write --final's tables here, as markdown")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--save-model", default=None, help="save the trained model in this folder")
     parser.add_argument("--model", default=None, help="evaluate this saved model instead of training one")
@@ -55,15 +86,22 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = json.loads(args.settings)
-    workdir = Path("/tmp/pyterrier-ce-demo")
+    workdir = Path(tempfile.gettempdir()) / "pyterrier-ce-demo"
 
     squad = BeirDataset(DATA / "squad")
     bm25 = bm25_pipeline(squad, workdir, args.train_depth)
+    extra = {} if args.max_length is None else {"max_length": args.max_length}
+    probe = {}
+    if not args.model and args.train_seconds:
+        wanted, step_s = queries_for(args.train_seconds, squad, bm25, settings, extra, args)
+        args.train_queries = min(wanted, len(squad.get_topics("train")))
+        probe = {"train_seconds": args.train_seconds, "probe_s_per_step": round(step_s, 4)}
+        print(f"probe: {step_s:.3f} s/step; {args.train_seconds:.0f} s of training take {wanted} questions, "
+              f"training on {args.train_queries}", flush=True)
     if not args.model:
         topics = squad.get_topics("train").sample(n=args.train_queries, random_state=args.seed)
         with quiet_native_output():
             candidates = bm25(topics)
-    extra = {} if args.max_length is None else {"max_length": args.max_length}
     if args.model:
         ce = CrossEncoder(args.model, **extra)
         row = {"name": args.name, "model": args.model, "max_length": ce.max_length}
@@ -75,7 +113,7 @@ def main() -> None:
         train_min = (time.perf_counter() - start) / 60
         steps = ce.history.frame("step")
         row = {"name": args.name, "settings": settings, "max_length": ce.max_length,
-               "train_queries": args.train_queries,
+               "train_queries": args.train_queries, **probe,
                "used_queries": int(steps["groups"].iloc[-1]), "steps": len(steps), "train_min": round(train_min, 2),
                "s_per_step": round(60 * train_min / len(steps), 2),
                "loss_first50": round(float(steps["loss"].head(50).mean()), 4),
@@ -105,18 +143,31 @@ def main() -> None:
             row[f"dev_ce@{length}"] = round(float(res["nDCG@10"].iloc[1]), 4)
             row[f"dev_p@{length}"] = float(res["nDCG@10 p-value"].iloc[1])
     else:
+        t = time.perf_counter()
+        tables = {}
         test = squad.get_topics("test").sample(n=args.test_queries, random_state=args.seed)
         with quiet_native_output():
             first = pt.Transformer.from_df(bm25(test))
         sq = experiment(first, ce, test, squad.get_qrels("test"), "BM25", [nDCG @ 10, RR @ 10])
         print(compact(sq).to_string(index=False))
         row.update(summary("squad_test", sq, "RR@10"))
-        for name in args.final_dl.split(","):
+        tables[f"SQuAD test, {len(test)} questions, BM25 top-{args.train_depth}"] = sq
+        for name in filter(None, args.final_dl.split(",")):
             dl = BeirDataset(DATA / name)
+            topics = dl.get_topics("test")
+            if args.dl_queries:
+                topics = topics.head(args.dl_queries)
             table = experiment(pt.Transformer.from_df(dl.get_candidates("test")) >> dl.text_loader("text"), ce,
-                               dl.get_topics("test"), dl.get_qrels("test"), "BM25", [nDCG @ 10, RR(rel=2) @ 10])
+                               topics, dl.get_qrels("test"), "BM25", [nDCG @ 10, RR(rel=2) @ 10])
             print(compact(table).to_string(index=False))
             row.update(summary(name, table, "RR(rel=2)@10"))
+            tables[f"{name}, {len(topics)} topics, BM25 top-100"] = table
+        row["eval_min"] = round((time.perf_counter() - t) / 60, 2)
+        if args.tables:
+            with open(args.tables, "a") as f:
+                for title, table in tables.items():
+                    f.write(f"\n{title} (paired t-tests against BM25, Holm):\n\n")
+                    f.write("\n".join(markdown_table(compact(table))) + "\n")
     print(json.dumps(row))
     with open(out / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -24,14 +24,16 @@ def bm25_candidates(dataset: str, split: str, num_queries: int, depth: int) -> p
     from pyterrier_pisa import PisaIndex
 
     from pyterrier_ce import BeirDataset
+    from pyterrier_ce.first_stage import quiet_native_output
 
     data = BeirDataset(DATA / dataset)
     index_dir = Path(tempfile.gettempdir()) / f"pyterrier-ce-bench-{dataset}.pisa"
     index = PisaIndex(str(index_dir), text_field="text")
-    if not index.built():
-        index.index(data.get_corpus_iter())
     topics = data.get_topics(split).head(num_queries)
-    return (index.bm25(num_results=depth) >> data.text_loader("text"))(topics)
+    with quiet_native_output():  # PISA's progress lines, written to the output descriptors themselves
+        if not index.built():
+            index.index(data.get_corpus_iter())
+        return (index.bm25(num_results=depth) >> data.text_loader("text"))(topics)
 
 
 def add_scoring_args(parser) -> None:
