@@ -187,6 +187,9 @@ def _broken(config: dict, change) -> dict:
     (lambda c: c["settings"].update(group_size=0), "group_size must be at least 1"),
     (lambda c: c.update(teacher={"run": "missing.run"}), "teacher: run missing.run does not exist"),
     (lambda c: c.update(seeds=42), "seeds must be a list of integers"),
+    (lambda c: c["models"][0].update(objectives=["hinge"]),
+     "models[0] objectives must list names from `objectives` (infonce, bce), not ['hinge']"),
+    (lambda c: c["models"][0].update(objectives="bce"), "models[0] objectives must list names"),
 ])
 def test_config_errors_say_what_to_do(config, change, message):
     with pytest.raises(ConfigError) as err:
@@ -194,6 +197,17 @@ def test_config_errors_say_what_to_do(config, change, message):
     assert message in str(err.value)
     if "dataset folder" in message:
         assert "Datasets in" in str(err.value) and "toy" in str(err.value)
+
+
+def test_a_model_may_train_with_some_of_the_objectives_only(config):
+    # a larger reference model with BCE alone beside a smaller one with every objective
+    config = _broken(config, lambda c: c.update(seeds=[1, 2], models=[
+        {"name": "big", "backbone": c["models"][0]["backbone"], "objectives": ["bce"]},
+        {"name": "small", "backbone": c["models"][0]["backbone"], "num_layers": 1}]))
+    assert load_config(config).system_names() == [
+        "BM25", "big-bce-s1", "big-bce-s2", "small-infonce-s1", "small-infonce-s2", "small-bce-s1", "small-bce-s2"]
+    with pytest.raises(ConfigError, match="'big-infonce-s1' is not a system"):
+        load_config({**config, "baseline": "big-infonce-s1"})
 
 
 def test_cli_reports_config_errors_without_a_traceback(config, tmp_path):
@@ -316,7 +330,8 @@ def test_distillation_configs_parse(data_dir, tmp_path, monkeypatch):
                                                      "L6-margin_mse-s1", "L6-margin_mse-s2"]
     # the objective-vs-size grid shares the same-size grid's 6-layer InfoNCE and MarginMSE students
     size_grid = set(systems["objective-vs-size"])
-    assert {"L6-bce-s1", "L3-bce-s2", "L3-margin_mse-s1"} <= size_grid
+    assert {"L6-bce-s1", "L3-bce-s2", "L3-margin_mse-s1", "T6-bce-s2", "T3-infonce-s1"} <= size_grid
+    assert not {"T6-infonce-s1", "T6-margin_mse-s2"} & size_grid  # T6 trains with BCE alone
     assert set(systems["same-size-distillation"]) - size_grid == {"L6-kl-s1", "L6-kl-s2"}
 
 

@@ -300,6 +300,7 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Option
         _check_keys(entry, MODEL_KEYS, where)
         model = ModelSpec(name=str(_required(entry, "name", where)), backbone=str(_required(entry, "backbone", where)),
                           num_layers=entry.get("num_layers"), layers=entry.get("layers"),
+                          objectives=entry.get("objectives"),
                           settings=_check_settings(entry.get("settings"), f"{where} settings", data))
         if model.num_layers is not None:
             _positive_int(model.num_layers, f"{where} num_layers")
@@ -322,6 +323,14 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Option
             raise ConfigError(f"{where}: unknown objective {objective.name!r}; "
                               f"available: {', '.join(registry.available())}.")
         objectives.append(objective)
+    for i, model in enumerate(models):
+        if model.objectives is None:
+            continue
+        names = [o.name for o in objectives]
+        if not isinstance(model.objectives, list) or not model.objectives or \
+                any(name not in names for name in model.objectives):
+            raise ConfigError(f"models[{i}] objectives must list names from `objectives` ({', '.join(names)}), "
+                              f"not {model.objectives!r}.")
     for what, names in (("models", [m.name for m in models]), ("objectives", [o.name for o in objectives])):
         if not names:
             raise ConfigError(f"`{what}` is empty: list at least one.")

@@ -20,7 +20,7 @@ TOP_KEYS = ("name", "data", "workdir", "train", "models", "objectives", "teacher
 TRAIN_KEYS = ("dataset", "split", "queries", "seed", "first_stage", "positives_only", "fields", "topics", "qrels")
 EVAL_KEYS = ("name", "dataset", "split", "queries", "seed", "first_stage", "measures", "fields", "topics",
              "qrels")
-MODEL_KEYS = ("name", "backbone", "num_layers", "layers", "settings")
+MODEL_KEYS = ("name", "backbone", "num_layers", "layers", "settings", "objectives")
 OBJECTIVE_KEYS = ("name", "settings", "teacher")
 # `evaluate: true` reranks the evaluation sets with the teacher too (system "teacher")
 TEACHER_KEYS = {"model": ("model", "max_length", "batch_size", "precision", "evaluate"),
@@ -119,6 +119,9 @@ class ModelSpec:
     num_layers: Optional[int] = None
     layers: Optional[List[int]] = None
     settings: Dict[str, Any] = field(default_factory=dict)
+    #: The names of the config's objectives this model trains with (``None``: all of them), so a
+    #: grid need not be full, e.g. a larger model trained with BCE alone as a reference.
+    objectives: Optional[List[str]] = None
 
 
 @dataclass
@@ -168,7 +171,8 @@ class Config:
 
     @property
     def systems(self) -> List[System]:
-        return [System(m, o, s) for m in self.models for o in self.objectives for s in self.seeds]
+        return [System(m, o, s) for m in self.models for o in self.objectives for s in self.seeds
+                if m.objectives is None or o.name in m.objectives]
 
     @property
     def teacher_evaluated(self) -> bool:
