@@ -190,6 +190,7 @@ def _broken(config: dict, change) -> dict:
     (lambda c: c["models"][0].update(objectives=["hinge"]),
      "models[0] objectives must list names from `objectives` (infonce, bce), not ['hinge']"),
     (lambda c: c["models"][0].update(objectives="bce"), "models[0] objectives must list names"),
+    (lambda c: c["models"][0].update(seeds=[1, 1]), "models[0] seeds repeat a value: [1, 1]"),
 ])
 def test_config_errors_say_what_to_do(config, change, message):
     with pytest.raises(ConfigError) as err:
@@ -208,6 +209,19 @@ def test_a_model_may_train_with_some_of_the_objectives_only(config):
         "BM25", "big-bce-s1", "big-bce-s2", "small-infonce-s1", "small-infonce-s2", "small-bce-s1", "small-bce-s2"]
     with pytest.raises(ConfigError, match="'big-infonce-s1' is not a system"):
         load_config({**config, "baseline": "big-infonce-s1"})
+    # and with seeds of its own, e.g. a third seed where a run is cheap
+    config["models"][1]["seeds"] = [1, 2, 3]
+    assert load_config(config).system_names()[-3:] == ["small-bce-s1", "small-bce-s2", "small-bce-s3"]
+
+
+def test_tables_over_seeds_with_a_model_of_its_own_seeds(config, tmp_path):
+    config = _broken(config, lambda c: (c.update(objectives=["infonce"], evaluate=c["evaluate"][:1],
+                                                 baseline="BM25"),
+                                        c["models"][0].update(seeds=[1, 2])))
+    run_config(config)
+    over = pd.read_csv(tmp_path / "work" / "results-over-seeds.csv")
+    assert over.set_index("name").loc["tiny-infonce", "seeds"] == 2
+    assert "### toy, over seeds 1, 2" in (tmp_path / "work" / "results.md").read_text()
 
 
 def test_cli_reports_config_errors_without_a_traceback(config, tmp_path):
@@ -331,7 +345,8 @@ def test_distillation_configs_parse(data_dir, tmp_path, monkeypatch):
     # the objective-vs-size grid shares the same-size grid's 6-layer InfoNCE and MarginMSE students
     size_grid = set(systems["objective-vs-size"])
     assert {"L6-bce-s1", "L3-bce-s2", "L3-margin_mse-s1", "T6-bce-s2", "T3-infonce-s1"} <= size_grid
-    assert not {"T6-infonce-s1", "T6-margin_mse-s2"} & size_grid  # T6 trains with BCE alone
+    assert not {"T6-infonce-s1", "T6-margin_mse-s2", "L3-bce-s3"} & size_grid  # T6 trains with BCE alone
+    assert {"T6-bce-s3", "T3-margin_mse-s3"} <= size_grid  # a third seed from the teacher
     assert set(systems["same-size-distillation"]) - size_grid == {"L6-kl-s1", "L6-kl-s2"}
 
 

@@ -247,6 +247,15 @@ def resolve_backbone(name: str) -> str:
     return str(package.get_model_path())
 
 
+def _seed_list(seeds: Any, where: str) -> List[int]:
+    integers = isinstance(seeds, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    if not integers or not seeds:
+        raise ConfigError(f"{where} must be a list of integers, e.g. [42, 43], not {seeds!r}.")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where} repeat a value: {seeds}.")
+    return list(seeds)
+
+
 def load_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Optional[Union[str, os.PathLike]] = None,
                 workdir: Optional[Union[str, os.PathLike]] = None, baseline: Optional[str] = None) -> Config:
     """Reads and checks an experiment config.
@@ -300,7 +309,7 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Option
         _check_keys(entry, MODEL_KEYS, where)
         model = ModelSpec(name=str(_required(entry, "name", where)), backbone=str(_required(entry, "backbone", where)),
                           num_layers=entry.get("num_layers"), layers=entry.get("layers"),
-                          objectives=entry.get("objectives"),
+                          objectives=entry.get("objectives"), seeds=entry.get("seeds"),
                           settings=_check_settings(entry.get("settings"), f"{where} settings", data))
         if model.num_layers is not None:
             _positive_int(model.num_layers, f"{where} num_layers")
@@ -354,12 +363,10 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Option
     if teacher is not None and not distillers:
         warnings.warn("The config has a teacher but no distillation objective: the teacher is not used.", stacklevel=2)
 
-    seeds = raw.get("seeds", [42])
-    integers = isinstance(seeds, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-    if not integers or not seeds:
-        raise ConfigError(f"seeds must be a list of integers, e.g. [42, 43], not {seeds!r}.")
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"seeds repeat a value: {seeds}.")
+    seeds = _seed_list(raw.get("seeds", [42]), "seeds")
+    for i, model in enumerate(models):
+        if model.seeds is not None:
+            model.seeds = _seed_list(model.seeds, f"models[{i}] seeds")
 
     evaluate = [_data_spec(entry, f"evaluate[{i}]", EVAL_KEYS, data)
                 for i, entry in enumerate(_required(raw, "evaluate", "The config"))]

@@ -29,7 +29,7 @@ def markdown(cfg: Config, tables: Dict[str, pd.DataFrame], held_out: Dict[str, i
         if over_seeds and name in over_seeds:
             seeds = over_seeds[name]
             measures = [c for c in seeds.columns if c + SD in seeds.columns]
-            lines += [f"### {name}, over seeds {', '.join(map(str, cfg.seeds))}", "",
+            lines += [f"### {name}, over seeds {', '.join(map(str, sorted({s.seed for s in cfg.systems})))}", "",
                       "Mean ± sd of each system's value over its seeds; + / − and p: the per-query values "
                       f"averaged over the seeds, paired t-test against {baseline_group(cfg)}"
                       + (f" ({cfg.correction} correction)." if cfg.correction else "."), ""]

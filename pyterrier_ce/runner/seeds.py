@@ -41,7 +41,8 @@ def baseline_group(cfg: Config) -> Optional[str]:
 
 
 def has_seeds(cfg: Config) -> bool:
-    return len(cfg.seeds) > 1
+    """Whether some (model, objective) is trained at several seeds."""
+    return any(len(names) > 1 for names in seed_groups(cfg).values())
 
 
 def over_seeds(cfg: Config, table: pd.DataFrame, per_query: pd.DataFrame, measures: List[str]) -> pd.DataFrame:

@@ -20,7 +20,7 @@ TOP_KEYS = ("name", "data", "workdir", "train", "models", "objectives", "teacher
 TRAIN_KEYS = ("dataset", "split", "queries", "seed", "first_stage", "positives_only", "fields", "topics", "qrels")
 EVAL_KEYS = ("name", "dataset", "split", "queries", "seed", "first_stage", "measures", "fields", "topics",
              "qrels")
-MODEL_KEYS = ("name", "backbone", "num_layers", "layers", "settings", "objectives")
+MODEL_KEYS = ("name", "backbone", "num_layers", "layers", "settings", "objectives", "seeds")
 OBJECTIVE_KEYS = ("name", "settings", "teacher")
 # `evaluate: true` reranks the evaluation sets with the teacher too (system "teacher")
 TEACHER_KEYS = {"model": ("model", "max_length", "batch_size", "precision", "evaluate"),
@@ -122,6 +122,8 @@ class ModelSpec:
     #: The names of the config's objectives this model trains with (``None``: all of them), so a
     #: grid need not be full, e.g. a larger model trained with BCE alone as a reference.
     objectives: Optional[List[str]] = None
+    #: This model's seeds instead of the config's, e.g. more seeds where a run is cheap.
+    seeds: Optional[List[int]] = None
 
 
 @dataclass
@@ -171,7 +173,8 @@ class Config:
 
     @property
     def systems(self) -> List[System]:
-        return [System(m, o, s) for m in self.models for o in self.objectives for s in self.seeds
+        return [System(m, o, s) for m in self.models for o in self.objectives
+                for s in (self.seeds if m.seeds is None else m.seeds)
                 if m.objectives is None or o.name in m.objectives]
 
     @property
