@@ -27,8 +27,15 @@ for path in /.whl/ /.gpu/; do
     grep -qxF "$path" "$exclude" 2>/dev/null || echo "$path" >> "$exclude"
 done
 
+for dir in .whl .gpu; do  # rebuilt from scratch, so only folders this script made are removed
+    if [ -e "$dir" ] && [ ! -f "$dir/.made-by-gpu_payload" ]; then
+        echo "$REPO/$dir was not made by this script: move it away first." >&2
+        exit 1
+    fi
+done
 rm -rf .whl .gpu
 mkdir -p .whl .gpu
+touch .whl/.made-by-gpu_payload .gpu/.made-by-gpu_payload
 for spec in $WHEELS; do
     "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \

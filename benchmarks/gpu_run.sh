@@ -29,7 +29,8 @@
 #   command:   GPU_RUN_STAGES="demo" GPU_RUN_BUDGET=240 bash benchmarks/gpu_run.sh   (timeout_s 300)
 #
 # Other settings: GPU_RUN_STAGES (names above, space-separated; setup always runs),
-# GPU_RUN_WORK (default /tmp/gpu-run: data, packages, indexes, temporary files), PYTHON.
+# GPU_RUN_WORK (default /tmp/gpu-run: data, packages, indexes, temporary files; new, empty or made
+# by an earlier run, since its contents are replaced), PYTHON.
 # A dry run on the CPU with tiny sizes, through the same code paths (stages one at a time keeps
 # each under a minute on a small machine):
 #   OUT=$(mktemp -d) GPU_RUN_DEVICE=cpu GPU_RUN_SMALL=1 GPU_RUN_STAGES=scoring-bf16 bash benchmarks/gpu_run.sh
@@ -45,7 +46,12 @@ STAGES="${GPU_RUN_STAGES:-scoring-bf16 scoring-fp32 training-bf16 demo training-
 WORK="${GPU_RUN_WORK:-/tmp/gpu-run}"
 SITE="$WORK/site"
 OUT="${OUT:-$WORK/out}"
-mkdir -p "$OUT" "$WORK/tmp" || exit 1
+# everything under WORK is replaced between runs, so WORK must be a folder this script made
+if [ -n "$(ls -A "$WORK" 2>/dev/null)" ] && [ ! -f "$WORK/.made-by-gpu_run" ]; then
+    echo "GPU_RUN_WORK=$WORK holds files this script did not write: choose an empty or new folder." >&2
+    exit 1
+fi
+mkdir -p "$WORK/tmp" && touch "$WORK/.made-by-gpu_run" && mkdir -p "$OUT" || exit 1
 LOG="$OUT/gpu_run.log"
 SUMMARY="$OUT/summary.md"
 START=$SECONDS
