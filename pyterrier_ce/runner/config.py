@@ -332,10 +332,10 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Option
             raise ConfigError(f"{where}: unknown objective {objective.name!r}; "
                               f"available: {', '.join(registry.available())}.")
         objectives.append(objective)
+    names = [o.name for o in objectives]
     for i, model in enumerate(models):
         if model.objectives is None:
             continue
-        names = [o.name for o in objectives]
         if not isinstance(model.objectives, list) or not model.objectives or \
                 any(name not in names for name in model.objectives):
             raise ConfigError(f"models[{i}] objectives must list names from `objectives` ({', '.join(names)}), "
