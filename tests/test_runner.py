@@ -13,6 +13,7 @@ from test_demo import toy_collection
 from pyterrier_ce import CrossEncoder
 from pyterrier_ce.cli import main
 from pyterrier_ce.runner import ConfigError, load_config, run_config
+from pyterrier_ce.runner.records import mismatch, system_record
 
 
 @pytest.fixture()
@@ -333,7 +334,7 @@ def test_distillation_configs_parse(data_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     systems = {}
     for name in ("distillation-L3", "distillation-L2", "distillation-vs-bce", "same-size-distillation",
-                 "objective-vs-size"):
+                 "objective-vs-size", "stronger-teacher"):
         config = load_config(REPO / "configs" / f"{name}.yaml", data=data_dir)
         assert config.teacher_evaluated and config.train.positives_only
         systems[name] = config.system_names()
@@ -348,6 +349,18 @@ def test_distillation_configs_parse(data_dir, tmp_path, monkeypatch):
     assert not {"T6-infonce-s1", "T6-margin_mse-s2", "L3-bce-s3"} & size_grid  # T6 trains with BCE alone
     assert {"T6-bce-s3", "T3-margin_mse-s3"} <= size_grid  # a third seed from the teacher
     assert set(systems["same-size-distillation"]) - size_grid == {"L6-kl-s1", "L6-kl-s2"}
+    # the stronger-teacher grid reuses the size grid's 3-layer InfoNCE and demo-teacher MarginMSE students
+    strong = set(systems["stronger-teacher"])
+    shared = {f"T3-{o}-s{s}" for o in ("infonce", "margin_mse") for s in (1, 2, 3)}
+    assert strong - size_grid == {f"T3-{o}-strong-s{s}" for o in ("margin_mse", "kl") for s in (1, 2, 3)}
+    assert shared <= strong & size_grid
+    configs = {name: load_config(REPO / "configs" / f"{name}.yaml", data=data_dir)
+               for name in ("objective-vs-size", "stronger-teacher")}
+    records = {name: {s.name: system_record(c, s, []) for s in c.systems} for name, c in configs.items()}
+    for name in shared:
+        assert mismatch(records["objective-vs-size"][name], records["stronger-teacher"][name]) is None
+    assert mismatch(records["objective-vs-size"]["T3-margin_mse-s1"],
+                    records["stronger-teacher"]["T3-margin_mse-strong-s1"]) == "config"
 
 
 def test_a_grid_over_an_ir_datasets_collection(toy_irds, tiny_model_dir, tmp_path):

@@ -327,12 +327,13 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Option
         own_teacher = entry.get("teacher")
         objective = ObjectiveSpec(str(_required(entry, "name", where)),
                                   _check_settings(entry.get("settings"), f"{where} settings", data),
-                                  None if own_teacher is None else _teacher(own_teacher, f"{where} teacher", data))
+                                  None if own_teacher is None else _teacher(own_teacher, f"{where} teacher", data),
+                                  None if entry.get("alias") is None else str(entry["alias"]))
         if objective.name not in registry.available():
             raise ConfigError(f"{where}: unknown objective {objective.name!r}; "
                               f"available: {', '.join(registry.available())}.")
         objectives.append(objective)
-    names = [o.name for o in objectives]
+    names = [o.label for o in objectives]
     for i, model in enumerate(models):
         if model.objectives is None:
             continue
@@ -340,13 +341,14 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Option
                 any(name not in names for name in model.objectives):
             raise ConfigError(f"models[{i}] objectives must list names from `objectives` ({', '.join(names)}), "
                               f"not {model.objectives!r}.")
-    for what, names in (("models", [m.name for m in models]), ("objectives", [o.name for o in objectives])):
+    for what, names in (("models", [m.name for m in models]), ("objectives", [o.label for o in objectives])):
         if not names:
             raise ConfigError(f"`{what}` is empty: list at least one.")
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
+            alias = " (an objective used twice takes an `alias:`)" if what == "objectives" else ""
             raise ConfigError(f"{what} repeat the name(s) {repeated}: each name must be unique "
-                              f"(system names use them).")
+                              f"(system names use them){alias}.")
         bad = [n for n in names if not n or "/" in n or n.startswith(".")]
         if bad:
             raise ConfigError(f"{what} name(s) {bad} cannot be file names: use letters, digits, '-' and '_'.")
@@ -360,7 +362,7 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any]], *, data: Option
         raise ConfigError(
             f"Objective(s) {distillers} distil a teacher's scores: add a teacher ({TEACHER_USAGE}), or drop them "
             f"from `objectives`.")
-    if teacher is not None and not distillers:
+    if teacher is not None and not distillers and not teacher.get("evaluate"):
         warnings.warn("The config has a teacher but no distillation objective: the teacher is not used.", stacklevel=2)
 
     seeds = _seed_list(raw.get("seeds", [42]), "seeds")

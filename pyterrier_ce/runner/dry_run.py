@@ -119,7 +119,7 @@ def dry_run(cfg: Config) -> str:
     out += ["", "Models:"]
     out += [f"  {m.name}: {m.backbone} ({backbone_source(m.backbone)})"
             + (f", {m.num_layers} layers" if m.num_layers else "") for m in cfg.models]
-    teachers = [("config", cfg.teacher)] + [(o.name, o.teacher) for o in cfg.objectives if o.teacher]
+    teachers = [("config", cfg.teacher)] + [(o.label, o.teacher) for o in cfg.objectives if o.teacher]
     if any(spec for _, spec in teachers):
         out += ["", "Teachers:"]
         for owner, spec in teachers:

@@ -3,8 +3,9 @@
 Everything lands in ``workdir``: ``candidates/`` (topics and first-stage results, built once),
 ``indexes/`` (PISA), ``models/<system>/`` (``save_pretrained`` folders), ``logs/<system>.jsonl``,
 ``checkpoints/<system>/`` (while training), ``teachers/`` (cached teacher scores),
-``runs/<dataset>/<system>.res.gz``, ``specs/`` and ``results.csv`` / ``results.md``. A rerun
-skips what is done; an interrupted system resumes from its last checkpoint
+``runs/<dataset>/<system>.res.gz`` (an evaluated teacher's named by its identity), ``specs/``
+(what each system was trained from, :mod:`.records`) and ``results.csv`` / ``results.md``. A
+rerun skips what is still valid; an interrupted system resumes from its last checkpoint
 (``settings: {checkpoint_every: N}``). Under ``accelerate launch`` or ``torch.distributed.run``
 every process runs the same config; training is shared and only the main process writes runs
 and tables.
@@ -31,6 +32,7 @@ from ..tables import compact, markdown_table
 from ..teachers import Ensemble, PipelineTeacher, RunTeacher, as_teacher
 from .candidates import CandidateSets
 from .config import load_config, resolve_backbone, resolve_factory, split_settings
+from .records import mismatch, system_record, system_teacher, teacher_run_name
 from .report import markdown
 from .seeds import has_seeds, over_seeds
 from .specs import Config, ConfigError, DataSpec, System
@@ -117,23 +119,27 @@ class Runner:
     # -- staleness ------------------------------------------------------------------------------
 
     def _system_spec(self, system: System) -> Dict[str, Any]:
-        distils = system.objective.distils
-        return {"backbone": system.model.backbone, "num_layers": system.model.num_layers,
-                "layers": system.model.layers, "objective": system.objective.name, "seed": system.seed,
-                "settings": self.cfg.system_settings(system), "train": self.cfg.train.key(),
-                "held_out": [spec.key() for spec in self.candidates.same_dataset_evaluations()],
-                "teacher": (system.objective.teacher or self.cfg.teacher) if distils else None}
+        return system_record(self.cfg, system, [spec.key() for spec in self.candidates.same_dataset_evaluations()])
 
     def check_specs(self) -> None:
-        """Refuses to mix results of an earlier, different config into this one."""
+        """Refuses to mix results of an earlier, different config (or of weights since rewritten
+        under the same path) into this one."""
         for system in self.cfg.systems:
             spec_file = self.path("specs", f"{system.name}.json")
-            expected = json.loads(json.dumps(self._system_spec(system), default=str))
-            if spec_file.exists() and json.loads(spec_file.read_text()) != expected:
+            if not spec_file.exists():
+                continue
+            stored, expected = json.loads(spec_file.read_text()), self._system_spec(system)
+            stale = mismatch(stored, expected)
+            if stale is not None:
+                why = ("was trained under another config" if stale == "config" else
+                       "was trained from a backbone or teacher folder that has been rewritten since")
                 raise ConfigError(
-                    f"{system.name} was trained under another config (see {spec_file}). Use a new workdir, or delete "
+                    f"{system.name} {why} (see {spec_file}). Use a new workdir, or delete "
                     f"{self.path('models', system.name)}, {self.path('checkpoints', system.name)}, "
                     f"{self.path('logs', system.name + '.jsonl')}, {spec_file} and its runs under {self.path('runs')}.")
+            if "fingerprints" not in stored and self.main:  # an older record: keep the weights it now stands for
+                text = json.dumps(expected, indent=1)
+                write_file(spec_file, lambda tmp, text=text: tmp.write_text(text))
         for spec in self.cfg.evaluate:
             spec_file = self.path("runs", spec.name, "spec.json")
             if spec_file.exists() and json.loads(spec_file.read_text()) != spec.key():
@@ -174,7 +180,7 @@ class Runner:
         checkpoints = self.path("checkpoints", system.name)
         log_file = self.path("logs", f"{system.name}.jsonl")
         if self.main:
-            spec = json.dumps(self._system_spec(system), indent=1, default=str)
+            spec = json.dumps(self._system_spec(system), indent=1)
             write_file(self.path("specs", f"{system.name}.json"), lambda tmp: tmp.write_text(spec))
             if log_file.exists() and not (checkpoints / "last").exists():
                 log_file.unlink()  # nothing to resume: a fresh run gets a fresh log
@@ -196,7 +202,7 @@ class Runner:
         ce.fit(train, qrels, objective=system.objective.name, seed=system.seed, teacher=teacher,
                log_file=str(log_file), checkpoint_dir=str(checkpoints), resume=True, text_source=text_source,
                **training)
-        teacher_spec = (system.objective.teacher or self.cfg.teacher) if system.objective.distils else None
+        teacher_spec = system_teacher(self.cfg, system)
         ce.card_data = {"datasets": [self.cfg.train.dataset], "first_stage": self.cfg.train.describe(),
                         **({"teacher": json.dumps(teacher_spec, default=str)} if teacher_spec else {})}
         ce.save_pretrained(self.path("models", system.name))  # atomic; the main process writes
@@ -246,6 +252,9 @@ class Runner:
             card.add_evaluation(path, text)
 
     def run_path(self, spec: DataSpec, system: str) -> Path:
+        if system == TEACHER_SYSTEM:  # one file per teacher: configs of one workdir may differ in it
+            assert self.cfg.teacher is not None
+            system = teacher_run_name(self.cfg.teacher)
         return self.path("runs", spec.name, f"{system}.res.gz")
 
     def rerank(self, system: str, model: Optional[CrossEncoder]) -> None:

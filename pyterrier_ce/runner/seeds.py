@@ -30,7 +30,7 @@ def seed_groups(cfg: Config) -> Dict[str, List[str]]:
     groups: Dict[str, List[str]] = {}
     for name in cfg.system_names():
         system = next((s for s in cfg.systems if s.name == name), None)
-        key = name if system is None else f"{system.model.name}-{system.objective.name}"
+        key = name if system is None else f"{system.model.name}-{system.objective.label}"
         groups.setdefault(key, []).append(name)
     return groups
 

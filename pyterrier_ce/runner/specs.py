@@ -21,7 +21,7 @@ TRAIN_KEYS = ("dataset", "split", "queries", "seed", "first_stage", "positives_o
 EVAL_KEYS = ("name", "dataset", "split", "queries", "seed", "first_stage", "measures", "fields", "topics",
              "qrels")
 MODEL_KEYS = ("name", "backbone", "num_layers", "layers", "settings", "objectives", "seeds")
-OBJECTIVE_KEYS = ("name", "settings", "teacher")
+OBJECTIVE_KEYS = ("name", "alias", "settings", "teacher")
 # `evaluate: true` reranks the evaluation sets with the teacher too (system "teacher")
 TEACHER_KEYS = {"model": ("model", "max_length", "batch_size", "precision", "evaluate"),
                 "run": ("run", "use_ranks", "format"), "factory": ("factory", "args", "key"),
@@ -133,6 +133,13 @@ class ObjectiveSpec:
     #: This objective's own teacher (else the config's), e.g. MarginMSE from an ensemble's scores
     #: and DistillRankNet from a ranker's run in one grid.
     teacher: Optional[Dict[str, Any]] = None
+    #: The objective's name in system names and tables (default: ``name``), so one objective can
+    #: be in a grid twice, e.g. MarginMSE from a weaker and from a stronger teacher.
+    alias: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        return self.alias or self.name
 
     @property
     def distils(self) -> bool:
@@ -149,7 +156,7 @@ class System:
 
     @property
     def name(self) -> str:
-        return f"{self.model.name}-{self.objective.name}-s{self.seed}"
+        return f"{self.model.name}-{self.objective.label}-s{self.seed}"
 
 
 @dataclass
@@ -175,7 +182,7 @@ class Config:
     def systems(self) -> List[System]:
         return [System(m, o, s) for m in self.models for o in self.objectives
                 for s in (self.seeds if m.seeds is None else m.seeds)
-                if m.objectives is None or o.name in m.objectives]
+                if m.objectives is None or o.label in m.objectives]
 
     @property
     def teacher_evaluated(self) -> bool:
