@@ -53,9 +53,20 @@ def folder_fingerprint(folder: str) -> Optional[str]:
     fingerprint = hashlib.blake2b(digest_size=8)
     for name in sorted(os.listdir(folder)):
         if name.endswith((".safetensors", ".safetensors.index.json")):
-            stat = os.stat(os.path.join(folder, name))
-            fingerprint.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+            fingerprint.update(_stat_line(os.path.join(folder, name), name))
     return fingerprint.hexdigest()
+
+
+def file_fingerprint(path: str) -> Optional[str]:
+    """The same for one file, e.g. a teacher's run (``None`` when there is no such file)."""
+    if not os.path.isfile(path):
+        return None
+    return hashlib.blake2b(_stat_line(path, ""), digest_size=8).hexdigest()
+
+
+def _stat_line(path: str, name: str) -> bytes:
+    stat = os.stat(path)
+    return f"{name}:{stat.st_size}:{stat.st_mtime_ns};".encode()
 
 
 def digest(value: Any, length: int = 16) -> str:

@@ -46,7 +46,7 @@ def test_a_backbone_folder_rewritten_in_place_is_refused(config, tmp_path, tiny_
     run_config(config)
     run_config(config)  # unchanged: reused
     _tiny_teacher(tmp_path / "backbone", tiny_tokenizer, seed=8)
-    with pytest.raises(ConfigError, match="tiny-infonce-s1 was trained from a backbone or teacher folder"):
+    with pytest.raises(ConfigError, match="tiny-infonce-s1 was trained from a backbone or teacher"):
         run_config(config)
 
 
@@ -100,3 +100,15 @@ def test_one_objective_twice_with_two_teachers_takes_an_alias(config, tmp_path, 
                for name in ("other-margin_mse-s1", "other-margin_mse-strong-s1")}
     assert {r["objective"] for r in records.values()} == {"margin_mse"}
     assert [r["teacher"]["model"] for r in records.values()] == [str(weak), str(strong)]
+
+
+def test_a_teacher_run_file_rewritten_since_is_refused(config, tmp_path):
+    teacher = tmp_path / "teacher.run"
+    lines = [f"{q} Q0 d{d} {d} {(q * d) % 7} llm\n" for q in range(8) for d in range(60)]
+    teacher.write_text("".join(lines))
+    config = {**config, "objectives": ["margin_mse"], "teacher": {"run": str(teacher)},
+              "evaluate": config["evaluate"][:1]}
+    run_config(config)
+    teacher.write_text("".join(lines[::-1]).replace(" llm", " new"))  # rewritten under the same path
+    with pytest.raises(ConfigError, match="rewritten since"):
+        run_config(config)

@@ -13,12 +13,10 @@ configs with different teachers share a workdir without reading each other's tea
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from typing import Any, Dict, List, Optional
 
-from ..identity import digest, folder_fingerprint
+from ..identity import digest, file_fingerprint, folder_fingerprint
 from .specs import PACKAGED_MODELS, Config, System
 
 # entries of a teacher section that do not change what a student learns from it
@@ -41,11 +39,7 @@ def teacher_fingerprint(spec: Optional[Dict[str, Any]]) -> Any:
     if "model" in spec:
         return local_fingerprint(str(spec["model"]))
     if "run" in spec:
-        path = str(spec["run"])
-        if not os.path.isfile(path):
-            return None
-        stat = os.stat(path)
-        return hashlib.blake2b(f"{stat.st_size}:{stat.st_mtime_ns}".encode(), digest_size=8).hexdigest()
+        return file_fingerprint(str(spec["run"]))
     if "ensemble" in spec:
         return [teacher_fingerprint(member) for member in spec["ensemble"]]
     return None

@@ -132,7 +132,7 @@ class Runner:
             stale = mismatch(stored, expected)
             if stale is not None:
                 why = ("was trained under another config" if stale == "config" else
-                       "was trained from a backbone or teacher folder that has been rewritten since")
+                       "was trained from a backbone or teacher (folder or run file) rewritten since")
                 raise ConfigError(
                     f"{system.name} {why} (see {spec_file}). Use a new workdir, or delete "
                     f"{self.path('models', system.name)}, {self.path('checkpoints', system.name)}, "
