@@ -342,13 +342,13 @@ def test_distillation_configs_parse(data_dir, tmp_path, monkeypatch):
                                           "L3-distill_ranknet-s42", "L3-adr_mse-s42"]
     assert systems["distillation-vs-bce"][2:] == ["L3-bce-s42", "L3-infonce-s42", "L3-margin_mse-s42"]
     assert systems["same-size-distillation"][2:] == [f"L6-{o}-s{s}" for o in ("infonce", "kl", "margin_mse")
-                                                     for s in (1, 2)]
+                                                     for s in (1, 2, 3)]
     # the objective-vs-size grid shares the same-size grid's 6-layer InfoNCE and MarginMSE students
     size_grid = set(systems["objective-vs-size"])
     assert {"L6-bce-s1", "L3-bce-s2", "L3-margin_mse-s1", "T6-bce-s2", "T3-infonce-s1"} <= size_grid
     assert not {"T6-infonce-s1", "T6-margin_mse-s2"} & size_grid  # T6 trains with BCE alone
     assert {"T6-bce-s3", "T3-margin_mse-s3", "L3-bce-s3", "L6-bce-s3"} <= size_grid  # three seeds
-    assert set(systems["same-size-distillation"]) - size_grid == {"L6-kl-s1", "L6-kl-s2"}
+    assert set(systems["same-size-distillation"]) - size_grid == {"L6-kl-s1", "L6-kl-s2", "L6-kl-s3"}
     # the stronger-teacher grid reuses the size grid's 3-layer InfoNCE and demo-teacher MarginMSE students
     strong = set(systems["stronger-teacher"])
     shared = {f"T3-{o}-s{s}" for o in ("infonce", "margin_mse") for s in (1, 2, 3)}
