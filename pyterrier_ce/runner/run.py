@@ -58,6 +58,8 @@ class Runner:
         self._teachers: Dict[str, Any] = {}  # loaded teachers, by their config section
         self._evaluated: Dict[str, Any] = {}  # per evaluation set: topics, runs, qrels, measures
         self.trained: List[str] = []  # systems trained by this call
+        # the evaluated teacher's run files, named once for the whole run (one file per teacher)
+        self._teacher_runs = teacher_run_name(config.teacher) if config.teacher_evaluated else None
 
     def log(self, message: str) -> None:
         if self.main:
@@ -252,9 +254,9 @@ class Runner:
             card.add_evaluation(path, text)
 
     def run_path(self, spec: DataSpec, system: str) -> Path:
-        if system == TEACHER_SYSTEM:  # one file per teacher: configs of one workdir may differ in it
-            assert self.cfg.teacher is not None
-            system = teacher_run_name(self.cfg.teacher)
+        if system == TEACHER_SYSTEM:  # configs of one workdir may differ in their teacher
+            assert self._teacher_runs is not None
+            system = self._teacher_runs
         return self.path("runs", spec.name, f"{system}.res.gz")
 
     def rerank(self, system: str, model: Optional[CrossEncoder]) -> None:
