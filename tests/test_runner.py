@@ -338,9 +338,11 @@ def test_distillation_configs_parse(data_dir, tmp_path, monkeypatch):
         config = load_config(REPO / "configs" / f"{name}.yaml", data=data_dir)
         assert config.teacher_evaluated and config.train.positives_only
         systems[name] = config.system_names()
-    assert systems["distillation-L3"] == ["BM25", "teacher", "L3-infonce-s42", "L3-margin_mse-s42", "L3-kl-s42",
-                                          "L3-distill_ranknet-s42", "L3-adr_mse-s42"]
-    assert systems["distillation-vs-bce"][2:] == ["L3-bce-s42", "L3-infonce-s42", "L3-margin_mse-s42"]
+    distilled = ("infonce", "margin_mse", "kl", "distill_ranknet", "adr_mse")
+    assert systems["distillation-L3"] == ["BM25", "teacher", *(f"L3-{o}-s{s}" for o in distilled for s in (1, 2))]
+    assert systems["distillation-L2"][2:] == [f"L2-{o}-s{s}" for o in distilled for s in (1, 2)]
+    assert systems["distillation-vs-bce"][2:] == [f"L3-{o}-s{s}" for o in ("bce", "infonce", "margin_mse")
+                                                  for s in (1, 2)]
     assert systems["same-size-distillation"][2:] == [f"L6-{o}-s{s}" for o in ("infonce", "kl", "margin_mse")
                                                      for s in (1, 2, 3)]
     # the objective-vs-size grid shares the same-size grid's 6-layer InfoNCE and MarginMSE students
@@ -355,8 +357,11 @@ def test_distillation_configs_parse(data_dir, tmp_path, monkeypatch):
     assert strong - size_grid == {f"T3-{o}-strong-s{s}" for o in ("margin_mse", "kl") for s in (1, 2, 3)}
     assert shared <= strong & size_grid
     configs = {name: load_config(REPO / "configs" / f"{name}.yaml", data=data_dir)
-               for name in ("objective-vs-size", "stronger-teacher")}
+               for name in ("objective-vs-size", "stronger-teacher", "distillation-L3", "distillation-vs-bce")}
     records = {name: {s.name: system_record(c, s, []) for s in c.systems} for name, c in configs.items()}
+    # the distillation configs share their InfoNCE and MarginMSE students
+    for name in (f"L3-{o}-s{s}" for o in ("infonce", "margin_mse") for s in (1, 2)):
+        assert mismatch(records["distillation-L3"][name], records["distillation-vs-bce"][name]) is None
     for name in shared:
         assert mismatch(records["objective-vs-size"][name], records["stronger-teacher"][name]) is None
     assert mismatch(records["objective-vs-size"]["T3-margin_mse-s1"],
