@@ -340,7 +340,7 @@ def test_distillation_configs_parse(data_dir, tmp_path, monkeypatch):
         systems[name] = config.system_names()
     distilled = ("infonce", "margin_mse", "kl", "distill_ranknet", "adr_mse")
     assert systems["distillation-L3"] == ["BM25", "teacher", *(f"L3-{o}-s{s}" for o in distilled for s in (1, 2))]
-    assert systems["distillation-L2"][2:] == [f"L2-{o}-s{s}" for o in distilled for s in (1, 2)]
+    assert systems["distillation-L2"][2:] == [f"L2-{o}-s{s}" for o in distilled for s in (1, 2, 3)]
     assert systems["distillation-vs-bce"][2:] == [f"L3-{o}-s{s}" for o in ("bce", "infonce", "margin_mse")
                                                   for s in (1, 2)]
     assert systems["same-size-distillation"][2:] == [f"L6-{o}-s{s}" for o in ("infonce", "kl", "margin_mse")
