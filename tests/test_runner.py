@@ -332,12 +332,11 @@ def test_distillation_configs_parse(data_dir, tmp_path, monkeypatch):
     for name in ("squad", "trec_dl_2019", "trec_dl_2020", "vaswani", "cranfield"):  # the toy folder has the splits
         (data_dir / name).symlink_to(data_dir / "toy", target_is_directory=True)
     monkeypatch.chdir(tmp_path)
-    systems = {}
-    for name in ("distillation-L3", "distillation-L2", "distillation-vs-bce", "same-size-distillation",
-                 "objective-vs-size", "stronger-teacher"):
-        config = load_config(REPO / "configs" / f"{name}.yaml", data=data_dir)
-        assert config.teacher_evaluated and config.train.positives_only
-        systems[name] = config.system_names()
+    configs = {name: load_config(REPO / "configs" / f"{name}.yaml", data=data_dir)
+               for name in ("distillation-L3", "distillation-L2", "distillation-vs-bce", "same-size-distillation",
+                            "objective-vs-size", "stronger-teacher")}
+    assert all(c.teacher_evaluated and c.train.positives_only for c in configs.values())
+    systems = {name: config.system_names() for name, config in configs.items()}
     distilled = ("infonce", "margin_mse", "kl", "distill_ranknet", "adr_mse")
     assert systems["distillation-L3"] == ["BM25", "teacher", *(f"L3-{o}-s{s}" for o in distilled for s in (1, 2))]
     assert systems["distillation-L2"][2:] == [f"L2-{o}-s{s}" for o in distilled for s in (1, 2, 3)]
@@ -356,9 +355,8 @@ def test_distillation_configs_parse(data_dir, tmp_path, monkeypatch):
     shared = {f"T3-{o}-s{s}" for o in ("infonce", "margin_mse") for s in (1, 2, 3)}
     assert strong - size_grid == {f"T3-{o}-strong-s{s}" for o in ("margin_mse", "kl") for s in (1, 2, 3)}
     assert shared <= strong & size_grid
-    configs = {name: load_config(REPO / "configs" / f"{name}.yaml", data=data_dir)
+    records = {name: {s.name: system_record(configs[name], s, []) for s in configs[name].systems}
                for name in ("objective-vs-size", "stronger-teacher", "distillation-L3", "distillation-vs-bce")}
-    records = {name: {s.name: system_record(c, s, []) for s in c.systems} for name, c in configs.items()}
     # the distillation configs share their InfoNCE and MarginMSE students
     for name in (f"L3-{o}-s{s}" for o in ("infonce", "margin_mse") for s in (1, 2)):
         assert mismatch(records["distillation-L3"][name], records["distillation-vs-bce"][name]) is None
