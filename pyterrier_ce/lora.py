@@ -101,6 +101,15 @@ def load_adapter_folder(folder: str, load_base: Callable[[str], Tuple[PreTrained
     return model, folder
 
 
+def load_adapter_weights(model: PreTrainedModel, folder: Union[str, os.PathLike]) -> None:
+    """The adapters and head of a saved adapter folder, loaded into ``model``'s own (the same
+    adapters: e.g. the best validated ones of this run)."""
+    peft = _peft()
+    result = peft.set_peft_model_state_dict(lora_wrapper(model), peft.load_peft_weights(os.fspath(folder)))
+    if result.unexpected_keys:
+        raise KeyError(f"{folder} holds adapters this model lacks: {result.unexpected_keys[:3]}")
+
+
 def write_adapter_files(model: PreTrainedModel, folder: Path, settings: Dict[str, Any]) -> None:
     """The adapters and the head (peft's layout) and the reranker settings, into ``folder``."""
     lora_wrapper(model).save_pretrained(folder, safe_serialization=True)

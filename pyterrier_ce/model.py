@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 import warnings
 from typing import Any, Dict, Optional, Union
 
@@ -294,7 +295,9 @@ class CrossEncoder(IdentifiedByKey, pt.Estimator, pt.Artifact):
 
         Under ``accelerate launch`` (several processes, DDP) every process runs the same script
         and call: each takes its share of every step's groups, the gradients and the logged loss
-        are averaged, and only the main process writes logs and checkpoints.
+        are averaged, and only the main process writes logs and checkpoints. Under FSDP
+        (``configs/accelerate/fsdp.yaml``) each process holds a shard of the model while it trains
+        and the whole trained model afterwards.
         """
         s = self.settings.updated(**settings)
         s.check_complete()
@@ -336,9 +339,12 @@ class CrossEncoder(IdentifiedByKey, pt.Estimator, pt.Artifact):
                 progress=self.verbose)
         finally:
             # Whatever happened, these weights are no longer the pretrained ones; under several
-            # processes each trained on its own device.
+            # processes each trained on its own device. After an error under FSDP they are
+            # shards, which no fingerprint can name: an identity that equals nothing else (a
+            # new CrossEncoder resumes from the checkpoint).
             self.device = next(self.model.parameters()).device
-            self._fingerprint = self.weights_fingerprint()
+            self._fingerprint = (f"shards-{uuid.uuid4().hex}" if training.holds_shards(self.model)
+                                 else self.weights_fingerprint())
         return self
 
     def _scores_of(self, frame: pd.DataFrame):

@@ -17,7 +17,7 @@ from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 from .atomic import save_files
 from .card import ours
 from .loading import quiet_transformers
-from .lora import ADAPTER_CONFIG, lora_wrapper, write_adapter_files
+from .lora import ADAPTER_CONFIG, is_adapter_folder, load_adapter_weights, lora_wrapper, write_adapter_files
 
 # Written into config.json so that sentence-transformers' CrossEncoder returns raw logits, as we do.
 _ST_CONFIG = {"activation_fn": "torch.nn.modules.linear.Identity"}
@@ -69,6 +69,15 @@ def save_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         save_files(path, write, last=[ADAPTER_CONFIG], stale=_MODEL_FILE.fullmatch)
     else:
         save_files(path, write, last=["config.json"], stale=_WEIGHT_FILE.fullmatch)
+
+
+def load_saved_weights(model: torch.nn.Module, folder: Union[str, os.PathLike]) -> None:
+    """Loads a folder :func:`save_model_folder` wrote into ``model``: a whole model's weights, or
+    an adapter folder's adapters and head (the frozen weights are the model's own)."""
+    if is_adapter_folder(folder):
+        load_adapter_weights(model, folder)
+    else:
+        model.load_state_dict(load_weights(folder), strict=False)
 
 
 def load_weights(folder: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:

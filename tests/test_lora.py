@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_fit import make, ndcg, synthetic
 
 from pyterrier_ce import CrossEncoder
@@ -81,3 +82,21 @@ def test_merged_adapters_make_a_plain_model_sentence_transformers_loads(trained,
 def test_unknown_lora_settings_are_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="Unknown lora setting"):
         make(tiny_model_dir, lora={"rank": 8})
+
+
+def test_the_best_validated_adapters_come_back_from_the_checkpoint_folder(tiny_model_dir, tmp_path, monkeypatch):
+    """best/ is an adapter folder: at the end of fit its adapters and head are loaded back."""
+    from pyterrier_ce.training.validation import Validator
+
+    values = iter([0.9, 0.5])  # the validation after step 3 is the best; after step 6 it is worse
+    monkeypatch.setattr(Validator, "evaluate", lambda self, model: next(values))
+    candidates, qrels = synthetic(16)
+    ce = make(tiny_model_dir, max_steps=6, eval_every=3, lr=5e-3, lora={"r": 8, "alpha": 16, "dropout": 0.0},
+              checkpoint_dir=str(tmp_path / "run"), verbose=False)
+    ce.fit(candidates, qrels, valid=candidates, valid_qrels=qrels)
+    assert ce.history.frame("end")["best_step"].tolist() == [3]
+    best = CrossEncoder(str(tmp_path / "run" / "best"), verbose=False)
+    np.testing.assert_allclose(ce.score_pairs(QUERIES, TEXTS), best.score_pairs(QUERIES, TEXTS), atol=1e-6)
+    last = load_file(tmp_path / "run" / "last" / "model.safetensors")  # step 6: other adapters
+    ours = ce.model.state_dict()
+    assert any(not torch.equal(ours[k], last[k]) for k in last if "lora_" in k)

@@ -8,7 +8,9 @@ plan, and gives the trained model back; it knows nothing of :class:`~pyterrier_c
 from .checkpoints import CheckpointError
 from .loop import train
 from .plan import TrainingPlan, plan_training
+from .sharding import holds_shards
 from .steps import NonFiniteLoss
 from .validation import Validator
 
-__all__ = ["train", "TrainingPlan", "plan_training", "Validator", "NonFiniteLoss", "CheckpointError"]
+__all__ = ["train", "TrainingPlan", "plan_training", "Validator", "NonFiniteLoss", "CheckpointError",
+           "holds_shards"]

@@ -16,6 +16,7 @@ from ..atomic import recover_dir, replace_dir
 from ..history import TrainingLog
 from ..loading import quiet_transformers
 from ..saving import load_weights
+from .sharding import Sharding
 
 # What trainer_state.json must hold to resume.
 _STATE_KEYS = ("step", "best", "best_step", "evals_without_gain", "total_steps", "groups_per_step")
@@ -41,10 +42,14 @@ class Checkpointer:
         accelerator: The run's accelerator (processes, barriers, unwrapping).
         record: What the run is (see :meth:`TrainingPlan.record`, plus the data digest).
         log: Where recoveries and resumes are recorded.
+        sharding: Under FSDP: the weights and optimiser state are gathered whole for the main
+            process to write, and broadcast back into the shards on resume.
     """
 
-    def __init__(self, folder: Path, accelerator: Accelerator, record: Dict[str, Any], log: TrainingLog):
+    def __init__(self, folder: Path, accelerator: Accelerator, record: Dict[str, Any], log: TrainingLog,
+                 sharding: Optional[Sharding] = None):
         self.folder, self.accelerator, self.record, self.log = folder, accelerator, record, log
+        self.sharding = sharding
         self.rank = processes.rank()
 
     def save(self, model: torch.nn.Module, optimizer, scheduler, state: Dict[str, Any]) -> None:
@@ -64,15 +69,24 @@ class Checkpointer:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / _rng_file(self.rank))
+        if self.sharding is not None:  # every process gives its shards; the main one gets them whole
+            weights = self.sharding.full_weights(model)
+            optimizer_state = self.sharding.full_optimiser_state(model, optimizer)
         acc.wait_for_everyone()
         if not processes.is_main():
             return
         with quiet_transformers():
-            acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if self.sharding is None:
+                acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+                optimizer_state = optimizer.state_dict()
+            else:
+                self.sharding.plain_model(weights).save_pretrained(tmp, safe_serialization=True)
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         full = {**state, "total_steps": self.record["total_steps"], "groups_per_step": self.record["groups_per_step"],
-                "processes": processes.world_size(), "seed": self.record["seed"], "run": self.record}
+                "processes": processes.world_size(), "seed": self.record["seed"], "run": self.record,
+                # sharded runs key the optimiser state by parameter name, the others by position
+                **({"sharded": True} if self.sharding is not None else {})}
         (tmp / "trainer_state.json").write_text(json.dumps(full, indent=1))
         replace_dir(tmp, self.folder / "last")
 
@@ -123,13 +137,23 @@ class Checkpointer:
         current = "model.safetensors"
         try:
             unwrapped = self.accelerator.unwrap_model(model)
-            result = unwrapped.load_state_dict(weights, strict=False)
+            if self.sharding is None:
+                result = unwrapped.load_state_dict(weights, strict=False)
+                unexpected, missing = result.unexpected_keys, result.missing_keys
+            else:  # checked alike on every process before the collective load
+                expected = set(unwrapped.state_dict())
+                unexpected, missing = sorted(set(weights) - expected), sorted(expected - set(weights))
             parameters = dict(unwrapped.named_parameters())
-            absent = [k for k in result.missing_keys if k in parameters]
-            if result.unexpected_keys or absent:
-                raise KeyError(f"unexpected {result.unexpected_keys[:3]}, missing {absent[:3]}")
+            absent = [k for k in missing if k in parameters]
+            if unexpected or absent:
+                raise KeyError(f"unexpected {unexpected[:3]}, missing {absent[:3]}")
+            if self.sharding is not None:
+                self.sharding.load_full_weights(model, weights)
             current = "optimizer.pt"
-            optimizer.load_state_dict(optimizer_state)
+            if self.sharding is None:
+                optimizer.load_state_dict(optimizer_state)
+            else:
+                self.sharding.load_full_optimiser_state(model, optimizer, optimizer_state)
             current = "scheduler.pt"
             scheduler.load_state_dict(scheduler_state)
         except (KeyError, RuntimeError, ValueError) as err:
@@ -163,3 +187,9 @@ class Checkpointer:
                 f"Cannot resume from {folder}: it was written by another run ({'; '.join(differences)}). Resume with "
                 f"the model, training data and settings it was written with, or start afresh: pass resume=False or "
                 f"another checkpoint_dir (or delete {folder}).")
+        if state.get("sharded", False) != (self.sharding is not None):
+            written, now = (("under", "without") if state.get("sharded") else ("without", "under"))
+            raise ValueError(
+                f"Cannot resume from {folder}: it was written {written} sharded training (FSDP) and this run is "
+                f"{now} it. Resume under the same `accelerate launch` config, or start afresh: pass resume=False or "
+                f"another checkpoint_dir.")

@@ -4,7 +4,9 @@ It reads top to bottom: set up the accelerator, the model's training mode and th
 resume if asked; then for each step, forward and backward passes (:mod:`.steps`), clipping, the
 update and the schedule, the log, validation (:mod:`.validation`) and checkpoints
 (:mod:`.checkpoints`); at the end, the best validated weights. The model it is given is the
-model it gives back: unwrapped, in eval mode, with its own dropout, also after an error.
+model it gives back: unwrapped, in eval mode, with its own dropout, also after an error. Under
+FSDP (:mod:`.sharding`) the model is sharded in place, so what comes back is a plain copy of it
+built from the shards, on every process.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from .checkpoints import Checkpointer
 from .memory_plan import memory_plan
 from .optimiser import build_optimiser, training_mode
 from .plan import TrainingPlan
+from .sharding import Sharding, is_sharded
 from .steps import StepRunner
 from .tracking import start_trackers, tracked_name
 from .validation import BestWeights, Validator
@@ -61,8 +64,10 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: Trai
                               log_with=plan.report_to, project_dir=plan.tracking_dir)
     if plan.report_to:
         start_trackers(accelerator, plan.report_to, plan.tracking_dir, _flat(plan.record()))
+    # FSDP shards the model in place: what reads or writes whole weights becomes a collective
+    sharding = Sharding(model, accelerator) if is_sharded(accelerator) else None
     best = BestWeights(plan.checkpoint_dir / "best" if plan.checkpoint_dir else None, save_model,
-                       processes.is_main())
+                       processes.is_main(), sharding)
     torch.manual_seed(plan.seed)
     with training_mode(model, plan):
         optimizer, scheduler = build_optimiser(model, plan)
@@ -71,11 +76,15 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: Trai
             # the last layer for [CLS] alone: the same gradients for less work (see cls_only)
             with cls_only_last_layer(model):
                 step, elapsed_s = _run_steps(prepared, accelerator, optimizer, scheduler, tokenizer, plan, sampler,
-                                             log, validator, best, progress=progress and processes.is_main())
+                                             log, validator, best, sharding, progress=progress and processes.is_main())
         finally:
             accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)  # the plain forward back
     if validator is not None and validator.best_step not in (None, step):
         best.restore(model)  # the model that is kept is the best validated one
+    if sharding is not None:
+        accelerator.free_memory()  # the optimiser's shards go before the full weights come
+        del optimizer, prepared
+        model = sharding.unsharded(model).eval()  # every process gets the whole trained model back
     if plan.report_to:
         accelerator.end_training()  # flushes and closes the trackers
     log.write(event="end", step=step, best=validator.best if validator else None,
@@ -84,15 +93,15 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: Trai
 
 
 def _run_steps(model, accelerator: Accelerator, optimizer, scheduler, tokenizer, plan: TrainingPlan,
-               sampler: GroupSampler, log: TrainingLog, validator: Optional[Validator], best: BestWeights, *,
-               progress: bool) -> Tuple[int, float]:
+               sampler: GroupSampler, log: TrainingLog, validator: Optional[Validator], best: BestWeights,
+               sharding: Optional[Sharding], *, progress: bool) -> Tuple[int, float]:
     """The steps of the run, from a checkpoint when resuming: returns the last step and the time."""
     steps = StepRunner(model, accelerator, plan.objective, tokenizer, plan, log)
     digest = data_digest(sampler) if plan.processes > 1 or plan.checkpoint_dir else None
     if plan.processes > 1:
         _check_same_data(accelerator, digest)
-    checkpoints = (Checkpointer(plan.checkpoint_dir, accelerator, {**plan.record(), "data": f"{digest:014x}"}, log)
-                   if plan.checkpoint_dir else None)
+    checkpoints = (Checkpointer(plan.checkpoint_dir, accelerator, {**plan.record(), "data": f"{digest:014x}"}, log,
+                                sharding) if plan.checkpoint_dir else None)
 
     step = 0
     if plan.resume and checkpoints is not None:
@@ -102,7 +111,7 @@ def _run_steps(model, accelerator: Accelerator, optimizer, scheduler, tokenizer,
             if validator is not None:
                 validator.load_state_dict(state)
     if processes.is_main() and step == 0:
-        needs = memory_plan(accelerator.unwrap_model(model), plan)
+        needs = memory_plan(accelerator.unwrap_model(model), plan, shards=plan.processes if sharding else 1)
         if progress:
             logger.info(f"CrossEncoder.fit: {needs}")
         log.write(event="start", sampling=_sampling_report(sampler, plan), total_steps=plan.total_steps,

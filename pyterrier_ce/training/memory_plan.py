@@ -29,6 +29,7 @@ class MemoryPlan:
     gradients_bytes: int
     optimiser_bytes: int
     activations_bytes: int  # one micro-batch, estimated
+    shards: int = 1  # processes that share weights, gradients and optimiser state (FSDP)
 
     @property
     def total_bytes(self) -> int:
@@ -38,14 +39,16 @@ class MemoryPlan:
         return {**asdict(self), "total_bytes": self.total_bytes}
 
     def __str__(self) -> str:
-        return (f"memory plan: {self.parameters:,} parameters ({self.trainable:,} trainable): weights "
+        each = f" per process (sharded over {self.shards})" if self.shards > 1 else ""
+        return (f"memory plan{each}: {self.parameters:,} parameters ({self.trainable:,} trainable): weights "
                 f"{self.weights_bytes / GB:.2f} GB, gradients {self.gradients_bytes / GB:.2f} GB, AdamW state "
                 f"{self.optimiser_bytes / GB:.2f} GB, activations of a micro-batch ~{self.activations_bytes / GB:.2f} "
                 f"GB; ~{self.total_bytes / GB:.2f} GB in all")
 
 
-def memory_plan(model: torch.nn.Module, plan: TrainingPlan) -> MemoryPlan:
-    """The memory ``plan`` needs to train ``model`` (see the module doc)."""
+def memory_plan(model: torch.nn.Module, plan: TrainingPlan, shards: int = 1) -> MemoryPlan:
+    """The memory ``plan`` needs to train ``model`` (see the module doc); with ``shards`` > 1
+    (FSDP), what each process holds: its share of the weights, gradients and optimiser state."""
     frozen = {id(p) for p in frozen_parameters(model, plan.frozen_layers)}
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad and id(p) not in frozen]
@@ -64,7 +67,7 @@ def memory_plan(model: torch.nn.Module, plan: TrainingPlan) -> MemoryPlan:
         activations = layers * per_layer
     return MemoryPlan(
         parameters=sum(p.numel() for p in params), trainable=n_trainable,
-        weights_bytes=sum(p.numel() * p.element_size() for p in params),
-        gradients_bytes=sum(p.numel() * p.element_size() for p in trainable),
-        optimiser_bytes=2 * 4 * n_trainable,  # AdamW's two fp32 moments
-        activations_bytes=int(activations))
+        weights_bytes=-(-sum(p.numel() * p.element_size() for p in params) // shards),
+        gradients_bytes=-(-sum(p.numel() * p.element_size() for p in trainable) // shards),
+        optimiser_bytes=-(-2 * 4 * n_trainable // shards),  # AdamW's two fp32 moments
+        activations_bytes=int(activations), shards=shards)

@@ -12,8 +12,9 @@ import pandas as pd
 import pyterrier as pt
 import torch
 
-from ..saving import load_weights
+from ..saving import load_saved_weights
 from ..scoring import ranked
+from .sharding import Sharding
 
 
 @contextlib.contextmanager
@@ -88,20 +89,40 @@ class Validator:
 
 class BestWeights:
     """The best validated weights: a model folder ``best/`` next to the checkpoints (written by
-    ``save``, the main process only), or a copy in memory when there is no checkpoint folder."""
+    ``save``, the main process only), or a copy in memory when there is no checkpoint folder.
 
-    def __init__(self, folder: Optional[Path], save: Callable[[torch.nn.Module, Path], None], main: bool):
-        self.folder, self.save, self.main = folder, save, main
+    Under FSDP (``sharding``) every process joins in gathering the weights whole, the main
+    process keeps or writes them, and a restore broadcasts them back into the shards."""
+
+    def __init__(self, folder: Optional[Path], save: Callable[[torch.nn.Module, Path], None], main: bool,
+                 sharding: Optional[Sharding] = None):
+        self.folder, self.save, self.main, self.sharding = folder, save, main, sharding
         self._copy: Optional[Dict[str, torch.Tensor]] = None
 
     def keep(self, model: torch.nn.Module) -> None:
-        if self.folder is None:
+        if self.sharding is not None:
+            weights = self.sharding.full_weights(model)  # whole on the main process, empty elsewhere
+            if self.folder is None:
+                self._copy = weights
+            elif self.main:
+                self.save(self.sharding.plain_model(weights), self.folder)
+        elif self.folder is None:
             self._copy = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         elif self.main:
             self.save(model, self.folder)
 
     def restore(self, model: torch.nn.Module) -> None:
-        if self._copy is not None:
+        if self.sharding is not None:  # the main process's weights, broadcast into every shard
+            if self.folder is None:
+                weights = self._copy or {}
+            else:  # the folder may hold adapters only: onto the whole current weights
+                weights = self.sharding.full_weights(model)
+                if self.main:
+                    plain = self.sharding.plain_model(weights)
+                    load_saved_weights(plain, self.folder)
+                    weights = plain.state_dict()
+            self.sharding.load_full_weights(model, weights)
+        elif self._copy is not None:
             model.load_state_dict(self._copy)
         elif self.folder is not None and self.folder.exists():
-            model.load_state_dict(load_weights(self.folder), strict=False)
+            load_saved_weights(model, self.folder)
