@@ -1,32 +1,34 @@
 #!/usr/bin/env bash
-# The GPU benchmarks in one time-boxed run (about 6 minutes on one H100 or H200):
+# The GPU benchmarks in one time-boxed run (about 7 minutes on one H100 or H200):
 #   setup          install the carried wheels, unpack data and model, report versions and the GPU
 #                  (with an 8192^3 bf16 matrix product as the card's practical peak)
 #   scoring-bf16   benchmarks/scoring.py: pyterrier-ce vs sentence-transformers, batch 256/512/1024
 #   scoring-fp32   the same in fp32 at batch 512 (do the scores agree to 1e-4?)
 #   training-bf16  benchmarks/training.py: fit vs CrossEncoderTrainer, pairs/s and peak GPU memory
+#   llm-lora       the same for a random-weight model of Qwen2.5-0.5B's shape: bf16 weights, LoRA
+#                  adapters and the head on both sides
 #   demo           benchmarks/budget_sweep.py --final: all-MiniLM-L6-v2, InfoNCE, as many SQuAD
 #                  training questions as the time left allows (about 2 minutes of steps), then
 #                  SQuAD test (300 questions) and TREC DL 2019/2020 against BM25 (Holm)
 #   training-fp32  only when time is left over
 # Each stage runs under `timeout`, cut to what is left of the run's budget (GPU_RUN_BUDGET
-# seconds, default 360) less what the later stages need; a stage that fails or times out is
+# seconds, default 420) less what the later stages need; a stage that fails or times out is
 # logged with its exit status and the next one runs. Results go to $OUT, the folder results are
-# written to (default $GPU_RUN_WORK/out), in at most 6 files:
+# written to (default $GPU_RUN_WORK/out), in at most 7 files:
 #   gpu_run.log (everything), summary.md (environment, stages, all tables), scoring.md,
-#   training.md, demo.md, demo_train_log.jsonl
+#   training.md, llm.md, demo.md, demo_train_log.jsonl
 #
 # Needs, in the checkout: .whl/ and .gpu/ (benchmarks/gpu_payload.sh builds them; ignored, never
 # committed; 55 MiB with the tracked files). On the GPU machine, from the checkout's root:
 #
 #   command:   bash benchmarks/gpu_run.sh
 #   carry:     [".whl", ".gpu"]
-#   timeout_s: 420
+#   timeout_s: 480
 #
-# The script ends by itself within GPU_RUN_BUDGET + ~20 s; timeout_s 420 is the safety net. With
-# the machine's start-up (1-2 minutes) a run takes at most ~9 minutes, so 15 minutes of GPU time
-# hold one rerun, e.g. of a stage that failed, with a smaller budget:
-#   command:   GPU_RUN_STAGES="demo" GPU_RUN_BUDGET=240 bash benchmarks/gpu_run.sh   (timeout_s 300)
+# The script ends by itself within GPU_RUN_BUDGET + ~20 s; timeout_s 480 is the safety net. With
+# the machine's start-up (1-2 minutes) a run takes at most ~10 minutes, so 15 minutes of GPU time
+# hold one rerun at once on the warm machine, e.g. of a stage that failed, with a smaller budget:
+#   command:   GPU_RUN_STAGES="demo" GPU_RUN_BUDGET=200 bash benchmarks/gpu_run.sh   (timeout_s 240)
 #
 # Other settings: GPU_RUN_STAGES (names above, space-separated; setup always runs),
 # GPU_RUN_WORK (default /tmp/gpu-run: data, packages, indexes, temporary files; new, empty or made
@@ -41,8 +43,8 @@ cd "$REPO" || exit 1
 PYTHON="${PYTHON:-python3}"
 DEVICE="${GPU_RUN_DEVICE:-cuda}"
 SMALL="${GPU_RUN_SMALL:-0}"
-BUDGET="${GPU_RUN_BUDGET:-360}"
-STAGES="${GPU_RUN_STAGES:-scoring-bf16 scoring-fp32 training-bf16 demo training-fp32}"
+BUDGET="${GPU_RUN_BUDGET:-420}"
+STAGES="${GPU_RUN_STAGES:-scoring-bf16 scoring-fp32 training-bf16 llm-lora demo training-fp32}"
 WORK="${GPU_RUN_WORK:-/tmp/gpu-run}"
 SITE="$WORK/site"
 OUT="${OUT:-$WORK/out}"
@@ -101,6 +103,7 @@ if [ "$SMALL" = 1 ]; then
     SCORING_BATCHES=4,8
     SCORING_FP32_BATCHES=8
     TRAINING=(--steps 3 --skip 1 --batch 2 --max-length 64)
+    LLM=(--model qwen2-tiny --steps 3 --skip 1 --batch 2 --max-length 64)
     DEMO=(--probe-steps 3 --test-queries 3 --dl-queries 2 --max-length 64
           --settings '{"objective": "infonce", "train_batch_size": 2}')
     DEMO_OVERHEAD=0 DEMO_MIN_TRAIN=3 DEMO_MAX_TRAIN=3
@@ -109,12 +112,13 @@ else
     SCORING_BATCHES=256,512,1024
     SCORING_FP32_BATCHES=512
     TRAINING=(--steps 40 --skip 10 --batch 32 --max-length 192)
+    LLM=(--model qwen2-0.5b --steps 30 --skip 8 --batch 8 --max-length 192)
     DEMO=(--probe-steps 30 --test-queries 300 --settings '{"objective": "infonce"}')
     DEMO_OVERHEAD=90 DEMO_MIN_TRAIN=20 DEMO_MAX_TRAIN=180
 fi
 
 : > "$LOG"
-for f in scoring.md training.md demo.md; do : > "$OUT/$f"; done
+for f in scoring.md training.md llm.md demo.md; do : > "$OUT/$f"; done
 {
     echo "# GPU benchmarks ($(date -u +%FT%TZ), device $DEVICE$([ "$SMALL" = 1 ] && echo ', small sizes'))"
     echo
@@ -204,15 +208,18 @@ printf '\n## Stages\n\n| stage | exit | seconds | time box |\n|---|---|---|---|\
 echo "| setup | $rc/$rc2/$rc3 | $((SECONDS - begin)) | - |" >> "$SUMMARY"
 
 # --- 1. scoring -------------------------------------------------------------------------------
-run_stage scoring-bf16 "$OUT/scoring.md" 80 230 30 \
+run_stage scoring-bf16 "$OUT/scoring.md" 80 300 30 \
     "$PYTHON" benchmarks/scoring.py --device "$DEVICE" --precision bf16 --batch-sizes "$SCORING_BATCHES" "${SCORING[@]}"
-run_stage scoring-fp32 "$OUT/scoring.md" 45 210 20 \
+run_stage scoring-fp32 "$OUT/scoring.md" 45 280 20 \
     "$PYTHON" benchmarks/scoring.py --device "$DEVICE" --precision fp32 --batch-sizes "$SCORING_FP32_BATCHES" \
     "${SCORING[@]}"
 
 # --- 2. training ------------------------------------------------------------------------------
-run_stage training-bf16 "$OUT/training.md" 90 150 30 \
+run_stage training-bf16 "$OUT/training.md" 90 220 30 \
     "$PYTHON" benchmarks/training.py --device "$DEVICE" --precisions bf16 "${TRAINING[@]}"
+# an LLM-shaped reranker: bf16 weights, LoRA adapters and the head, in both libraries
+run_stage llm-lora "$OUT/llm.md" 75 150 30 \
+    "$PYTHON" benchmarks/training.py --device "$DEVICE" --precisions bf16 --lora "${LLM[@]}"
 
 # --- 3. the demo, with the time that is left --------------------------------------------------
 if wanted demo; then
@@ -239,7 +246,7 @@ fi
 run_stage training-fp32 "$OUT/training.md" 80 5 60 \
     "$PYTHON" benchmarks/training.py --device "$DEVICE" --precisions fp32 "${TRAINING[@]}"
 
-for f in scoring.md training.md demo.md; do
+for f in scoring.md training.md llm.md demo.md; do
     if [ -s "$OUT/$f" ]; then
         printf '\n# %s\n' "$f" >> "$SUMMARY"
         cat "$OUT/$f" >> "$SUMMARY"

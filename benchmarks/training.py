@@ -1,15 +1,23 @@
 """Training throughput: pyterrier-ce CrossEncoder.fit vs sentence-transformers' CrossEncoderTrainer.
 
-Same model (all-MiniLM-L6-v2), same query groups (1 SQuAD positive + 7 BM25 top-20 negatives),
-same max_length, batch of 8 groups per step, AdamW with warmup, and an equivalent listwise loss:
-InfoNCE here, ``ListNetLoss`` with labels [100, 0, ..., 0] there (a one-hot softmax target, the
-same cross-entropy). Each configuration runs in its own process so that peak memory (max RSS, and
-on a GPU ``torch.cuda.max_memory_allocated``) is its own; the first ``--skip`` steps (warm-up) are
-not timed. On a GPU each step's end is timed after its work is done (both libraries read the loss
+Same model (all-MiniLM-L6-v2, or with ``--model qwen2-0.5b`` a random-weight decoder of
+Qwen2.5-0.5B's shape and vocabulary size, read by all-MiniLM-L6-v2's tokenizer), same query
+groups (1 SQuAD positive + 7 BM25 top-20 negatives), same max_length, batch of 8 groups per
+step, AdamW with warmup, and an equivalent listwise loss: InfoNCE here, ``ListNetLoss`` with
+labels [100, 0, ..., 0] there (a one-hot softmax target, the same cross-entropy). Each
+configuration runs in its own process so that peak memory (max RSS, and on a GPU
+``torch.cuda.max_memory_allocated``) is its own; the first ``--skip`` steps (warm-up) are not
+timed. On a GPU each step's end is timed after its work is done (both libraries read the loss
 each step; the sentence-transformers clock also synchronises).
+
+``--lora``: weights in bf16 and LoRA adapters (r 16, alpha 32, on the attention and feed-forward
+projections) trained with the whole head on both sides: ``lora=`` and ``weights_dtype="bf16"``
+here; peft's ``get_peft_model`` on its transformers model (the head in ``modules_to_save``) and
+bf16 weights there.
 
     python benchmarks/training.py --steps 12 --max-length 192
     python benchmarks/training.py --device cuda --precisions bf16 --batch 32 --steps 30 --skip 5
+    python benchmarks/training.py --device cuda --precisions bf16 --model qwen2-0.5b --lora --batch 8
 """
 from __future__ import annotations
 
@@ -24,6 +32,35 @@ from pathlib import Path
 from common import minilm_path, peak_gpu_mb, peak_rss_mb, print_table
 
 HERE = Path(__file__).resolve().parent
+
+QWEN2_SHAPES = {
+    # Qwen2.5-0.5B's published shape (494M parameters with its vocabulary), random weights
+    "qwen2-0.5b": dict(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, intermediate_size=4864, rope_theta=1e6),
+    "qwen2-tiny": dict(vocab_size=30600, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=128),  # a dry run on the CPU
+}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": LORA_TARGETS}
+
+
+def model_folder(name: str) -> str:
+    """all-MiniLM-L6-v2, or a random Qwen2 of a shape in QWEN2_SHAPES saved once (bf16) beside
+    all-MiniLM-L6-v2's tokenizer."""
+    if name == "minilm":
+        return minilm_path()
+    path = Path(tempfile.gettempdir()) / f"pyterrier-ce-{name}"
+    if not (path / "config.json").exists():
+        import torch
+        from transformers import AutoTokenizer, Qwen2Config, Qwen2ForSequenceClassification
+
+        tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+        torch.manual_seed(0)
+        config = Qwen2Config(max_position_embeddings=4096, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+                             **QWEN2_SHAPES[name])
+        Qwen2ForSequenceClassification(config).to(torch.bfloat16).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return str(path)
 
 
 def make_groups(path: Path, num_groups: int, group_size: int, seed: int) -> None:
@@ -42,7 +79,7 @@ def make_groups(path: Path, num_groups: int, group_size: int, seed: int) -> None
     path.write_text(json.dumps([g.__dict__ for g in groups]))
 
 
-def run_ours(groups, args) -> list[float]:
+def run_ours(groups, args) -> tuple[list[float], int]:
     import pandas as pd
 
     from pyterrier_ce import CrossEncoder
@@ -54,21 +91,31 @@ def run_ours(groups, args) -> list[float]:
         qrels.append((g["qid"], g["docnos"][0], 1))
     candidates = pd.DataFrame(rows, columns=["qid", "query", "docno", "text", "rank"])
     qrels = pd.DataFrame(qrels, columns=["qid", "docno", "label"])
-    ce = CrossEncoder(minilm_path(), max_length=args.max_length, device=args.device, precision=args.precision,
-                      objective="infonce", group_size=len(groups[0]["docnos"]), negatives="top",
-                      train_batch_size=args.batch, lr=2e-5, max_steps=args.steps)
+    lora = dict(weights_dtype="bf16", lora=LORA) if args.lora else {}
+    ce = CrossEncoder(model_folder(args.model), max_length=args.max_length, device=args.device,
+                      precision=args.precision, objective="infonce", group_size=len(groups[0]["docnos"]),
+                      negatives="top", train_batch_size=args.batch, lr=2e-5, max_steps=args.steps, **lora)
     ce.fit(candidates, qrels)
-    return ce.history.frame("step")["elapsed_s"].tolist()
+    trainable = ce.history.frame("start").iloc[0]["memory"]["trainable"]
+    return ce.history.frame("step")["elapsed_s"].tolist(), trainable
 
 
-def run_st(groups, args) -> list[float]:
+def run_st(groups, args) -> tuple[list[float], int]:
     import torch
     from datasets import Dataset
     from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
     from sentence_transformers.cross_encoder.losses import ListNetLoss
     from transformers import TrainerCallback
 
-    model = CrossEncoder(minilm_path(), num_labels=1, max_length=args.max_length, device=args.device)
+    weights = {"model_kwargs": {"dtype": torch.bfloat16}} if args.lora else {}
+    model = CrossEncoder(model_folder(args.model), num_labels=1, max_length=args.max_length, device=args.device,
+                         **weights)
+    if args.lora:  # peft on its transformers model (its add_adapter wants a newer peft than PyPI has)
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        model[0].model = get_peft_model(model[0].model, LoraConfig(
+            task_type=TaskType.SEQ_CLS, r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+            target_modules=LORA_TARGETS, modules_to_save=["score"]))
     data = Dataset.from_dict({
         "query": [g["query"] for g in groups],
         "docs": [g["texts"] for g in groups],
@@ -96,16 +143,17 @@ def run_st(groups, args) -> list[float]:
     trainer = CrossEncoderTrainer(model=model, args=training_args, train_dataset=data,
                                   loss=ListNetLoss(model, activation_fn=torch.nn.Identity()), callbacks=[Clock()])
     trainer.train()
-    return marks
+    return marks, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def child(args) -> None:
     groups = json.loads(Path(args.groups).read_text())[: args.steps * args.batch]
-    marks = (run_ours if args.library == "pyterrier-ce" else run_st)(groups, args)
+    marks, trainable = (run_ours if args.library == "pyterrier-ce" else run_st)(groups, args)
     timed = args.steps - args.skip
     seconds = marks[-1] - marks[args.skip - 1]
     pairs = sum(len(g["texts"]) for g in groups[args.skip * args.batch:])
-    print(json.dumps({"library": args.library, "precision": args.precision, "timed_steps": timed,
+    print(json.dumps({"library": args.library, "precision": args.precision, "trainable": trainable,
+                      "timed_steps": timed,
                       "s/step": seconds / timed, "groups/s": timed * args.batch / seconds, "pairs/s": pairs / seconds,
                       "peak_rss_mb": peak_rss_mb(),
                       **({"peak_gpu_mb": peak_gpu_mb()} if args.device != "cpu" else {})}))
@@ -120,6 +168,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--model", default="minilm", choices=["minilm", *QWEN2_SHAPES])
+    parser.add_argument("--lora", action="store_true", help="bf16 weights, LoRA adapters and the head")
     parser.add_argument("--library")
     parser.add_argument("--precision")
     parser.add_argument("--groups")
@@ -131,13 +181,15 @@ def main() -> None:
     groups_file = Path(tempfile.gettempdir()) / f"pyterrier-ce-train-groups-{args.group_size}-{num_groups}.json"
     if not groups_file.exists():
         make_groups(groups_file, num_groups, args.group_size, seed=42)
+    model_folder(args.model)  # made once, before the children read it
     rows = []
     for precision in args.precisions.split(","):
         for library in ("sentence-transformers", "pyterrier-ce"):
             out = subprocess.run(
                 [sys.executable, __file__, "--library", library, "--precision", precision, "--groups", str(groups_file),
                  "--steps", str(args.steps), "--skip", str(args.skip), "--batch", str(args.batch),
-                 "--max-length", str(args.max_length), "--device", args.device],
+                 "--max-length", str(args.max_length), "--device", args.device, "--model", args.model,
+                 *(["--lora"] if args.lora else [])],
                 capture_output=True, text=True, cwd=HERE,
             )
             lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
@@ -145,7 +197,9 @@ def main() -> None:
                 print(out.stderr[-3000:])
                 raise SystemExit(f"{library} {precision} failed")
             rows.append(json.loads(lines[-1]))
-    print(f"all-MiniLM-L6-v2, groups of {args.group_size} (1 positive + BM25 negatives), {args.batch} groups/step, "
+    model = "all-MiniLM-L6-v2" if args.model == "minilm" else f"random {args.model}"
+    lora = ", bf16 weights + LoRA (r 16) and the head" if args.lora else ""
+    print(f"{model}{lora}, groups of {args.group_size} (1 positive + BM25 negatives), {args.batch} groups/step, "
           f"max_length {args.max_length}, {args.device}, {args.steps - args.skip} timed steps\n")
     print_table(rows)
     print()
