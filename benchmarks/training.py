@@ -1,7 +1,7 @@
 """Training throughput: pyterrier-ce CrossEncoder.fit vs sentence-transformers' CrossEncoderTrainer.
 
-Same model (all-MiniLM-L6-v2, or with ``--model qwen2-0.5b`` a random-weight decoder of
-Qwen2.5-0.5B's shape and vocabulary size, read by all-MiniLM-L6-v2's tokenizer), same query
+Same model (all-MiniLM-L6-v2, or with ``--model qwen2-0.5b`` a random-weight decoder with
+Qwen2.5-0.5B's layers, read by all-MiniLM-L6-v2's tokenizer), same query
 groups (1 SQuAD positive + 7 BM25 top-20 negatives), same max_length, batch of 8 groups per
 step, AdamW with warmup, and an equivalent listwise loss: InfoNCE here, ``ListNetLoss`` with
 labels [100, 0, ..., 0] there (a one-hot softmax target, the same cross-entropy). Each
@@ -34,11 +34,12 @@ from common import minilm_path, peak_gpu_mb, peak_rss_mb, print_table
 HERE = Path(__file__).resolve().parent
 
 QWEN2_SHAPES = {
-    # Qwen2.5-0.5B's published shape (494M parameters with its vocabulary), random weights
-    "qwen2-0.5b": dict(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                       num_key_value_heads=2, intermediate_size=4864, rope_theta=1e6),
-    "qwen2-tiny": dict(vocab_size=30600, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, intermediate_size=128),  # a dry run on the CPU
+    # Qwen2.5-0.5B's layers, random weights; the embeddings fit the tokenizer (30,522 tokens, not
+    # Qwen's 151,936, which pyterrier-ce would refuse as a tokenizer that does not fit): 385M parameters
+    "qwen2-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                       intermediate_size=4864, rope_theta=1e6),
+    "qwen2-tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=128),  # a dry run on the CPU
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": LORA_TARGETS}
@@ -56,8 +57,8 @@ def model_folder(name: str) -> str:
 
         tokenizer = AutoTokenizer.from_pretrained(minilm_path())
         torch.manual_seed(0)
-        config = Qwen2Config(max_position_embeddings=4096, num_labels=1, pad_token_id=tokenizer.pad_token_id,
-                             **QWEN2_SHAPES[name])
+        config = Qwen2Config(vocab_size=len(tokenizer) + 64, max_position_embeddings=4096, num_labels=1,
+                             pad_token_id=tokenizer.pad_token_id, **QWEN2_SHAPES[name])
         Qwen2ForSequenceClassification(config).to(torch.bfloat16).save_pretrained(path)
         tokenizer.save_pretrained(path)
     return str(path)
