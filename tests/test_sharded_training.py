@@ -1,7 +1,8 @@
 """Sharded training (FSDP) launched with the documented config, configs/accelerate/fsdp.yaml, on
 2 CPU processes: the same losses and weights as one process with the same global batch;
 checkpoints hold the whole model and optimiser state and a crashed run resumes exactly; the best
-validated weights come back; every process ends with the plain, whole model.
+validated weights come back; every process ends with the plain, whole model; `pyterrier-ce run`
+trains a grid under it.
 
 Accelerate turns FSDP on only for GPU processes (CPU processes get DDP whatever the config
 says), while PyTorch's FSDP2 itself runs on CPUs over gloo. So the launched script switches
@@ -24,10 +25,15 @@ import pandas as pd
 import pytest
 import torch
 import transformers
+import yaml
 from conftest import _write_vocab
 from safetensors.torch import load_file
 from test_decoders import decoder_config
 from test_fit import synthetic
+from test_runner import (
+    config,  # noqa: F401  (fixture)
+    data_dir,  # noqa: F401  (fixture)
+)
 
 from pyterrier_ce import CrossEncoder
 from pyterrier_ce.training.sharding import Sharding
@@ -38,8 +44,7 @@ SETTINGS = dict(max_length=32, group_size=4, max_steps=6, lr=2e-3, head_lr=None,
                 seed=0, device="cpu", checkpoint_every=3, eval_every=3, verbose=False)
 PAIRS = (["cat", "war", "music film", "the dog"], ["a cat sat", "war and peace", "x", "the long dog text here"])
 
-_SCRIPT = textwrap.dedent("""
-    import json, os, sys
+_FSDP_ON_CPU = textwrap.dedent("""
     import accelerate.state
     from accelerate.utils import DistributedType
 
@@ -52,7 +57,10 @@ _SCRIPT = textwrap.dedent("""
             self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, plugin
 
     accelerate.state.AcceleratorState.__init__ = fsdp_on_cpu
+""")
 
+_SCRIPT = _FSDP_ON_CPU + textwrap.dedent("""
+    import json, os, sys
     import pandas as pd
     import torch
     from torch.distributed.tensor import DTensor
@@ -120,6 +128,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_with_fsdp_config(script: Path, *args: str, timeout: int = 300) -> None:
+    """``accelerate launch --config_file configs/accelerate/fsdp.yaml`` of ``script`` on 2 processes."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/fsdp.yaml"),
+         "--num_processes", "2", "--main_process_port", str(_free_port()), str(script), *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
 @pytest.fixture(scope="module", params=["full", "lora"])
 def sharded(request, qwen2_dir, tmp_path_factory):
     """The launched script's output folder, the training data and the settings (full
@@ -133,14 +152,7 @@ def sharded(request, qwen2_dir, tmp_path_factory):
     pd.to_pickle(settings, data / "settings.pkl")
     pd.to_pickle(PAIRS, data / "pairs.pkl")
     (data / "launched.py").write_text(_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/fsdp.yaml"),
-         "--num_processes", "2", "--main_process_port", str(_free_port()),
-         str(data / "launched.py"), str(qwen2_dir), str(data), str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+    launch_with_fsdp_config(data / "launched.py", str(qwen2_dir), str(data), str(out))
     return out, candidates, qrels, settings
 
 
@@ -209,6 +221,24 @@ def test_a_sharded_checkpoint_is_not_resumed_without_sharding(sharded, qwen2_dir
     ce = CrossEncoder(str(qwen2_dir), **settings, train_batch_size=8, checkpoint_dir=str(tmp_path / "run"), resume=True)
     with pytest.raises(ValueError, match=r"written under sharded training \(FSDP\)"):
         ce.fit(candidates, qrels, valid=candidates, valid_qrels=qrels)
+
+
+def test_the_runner_trains_a_grid_under_the_fsdp_config(config, qwen2_dir, tmp_path):
+    """The documented command: accelerate launch --config_file configs/accelerate/fsdp.yaml -m
+    pyterrier_ce run CONFIG; two systems, one after the other, each sharded while it trains."""
+    config = {**config, "models": [{"name": "qwen2", "backbone": str(qwen2_dir)}], "evaluate": config["evaluate"][:1]}
+    config["settings"] = {**config["settings"], "train_batch_size": 1, "max_steps": 3}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "launched.py").write_text(_FSDP_ON_CPU + "import sys\nfrom pyterrier_ce.runner import run_config\n"
+                                          "run_config(sys.argv[1])\n")
+    launch_with_fsdp_config(tmp_path / "launched.py", str(tmp_path / "grid.yaml"))
+    work = tmp_path / "work"
+    results = pd.read_csv(work / "results.csv")
+    assert {"qwen2-infonce-s1", "qwen2-bce-s1"} <= set(results["name"])
+    for system in ("qwen2-infonce-s1", "qwen2-bce-s1"):
+        log = [json.loads(line) for line in (work / "logs" / f"{system}.jsonl").read_text().splitlines()]
+        assert [r["event"] for r in log].count("start") == 1 and log[0]["memory"]["shards"] == 2
+        assert (work / "models" / system / "model.safetensors").exists()
 
 
 def _accelerator_with(**plugin) -> SimpleNamespace:
