@@ -166,13 +166,16 @@ def test_sharded_training_matches_one_process_with_the_same_global_batch(sharded
     np.testing.assert_allclose(rank0["loss"], single.history.frame("step")["loss"], rtol=1e-5)
 
     # The weights after step 6 (last/; the model given back is the best, of step 3): float
-    # rounding differs (a reduce-scatter instead of one backward over 8 groups), and Adam turns
-    # it into update differences of up to ~lr on coordinates whose gradient is ~0.
+    # rounding differs (a reduce-scatter instead of one backward over 8 groups), which Adam can
+    # scale up on coordinates whose gradient is ~0 (see test_distributed); measured: 1.4e-6.
     sharded_last = load_file(out / "straight" / "last" / "model.safetensors")
     ours = {k: v for k, v in single.model.state_dict().items()}
     assert ours.keys() >= sharded_last.keys()
     diff = max((sharded_last[k] - ours[k]).abs().max().item() for k in sharded_last)
-    assert diff < 2e-3
+    relative = np.max(np.abs(np.array(rank0["loss"]) / single.history.frame("step")["loss"].to_numpy() - 1))
+    print(f"FSDP on 2 processes vs 1 ({'LoRA' if settings['lora'] else 'full'}): loss max rel. diff {relative:.2e}, "
+          f"max weight diff {diff:.2e}")
+    assert diff < 1e-4
     state = json.loads((out / "straight" / "last" / "trainer_state.json").read_text())
     assert state["sharded"] is True and state["processes"] == 2 and state["step"] == 6
     start = [json.loads(line) for line in (out / "straight" / "log.jsonl").read_text().splitlines()][0]
