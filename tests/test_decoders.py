@@ -3,6 +3,8 @@ recurrent one (Mamba, with pyterrier-ce's pooled head): padding handled so that 
 does not depend on its batch; they learn a ranking task, with LoRA too, and reload."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -26,21 +28,23 @@ def decoder_config(family: str) -> transformers.PretrainedConfig:
     return transformers.Qwen2Config(**common) if family == "qwen2" else transformers.LlamaConfig(**common)
 
 
-@pytest.fixture(scope="session", params=["qwen2", "llama", "mamba"])
-def decoder_dir(request, tmp_path_factory):
+def save_decoder(folder: Path, family: str) -> Path:
     """A random 2-layer decoder classifier whose config has no pad id, and a tokenizer without a
     pad token (as many decoder tokenizers): its end-of-sequence token pads."""
-    folder = tmp_path_factory.mktemp(request.param)
     tokenizer = transformers.BertTokenizerFast(vocab=str(_write_vocab(folder / "vocab.txt")), do_lower_case=True)
     tokenizer.eos_token = "[SEP]"
     tokenizer.pad_token = None
     torch.manual_seed(0)
-    config = decoder_config(request.param)
-    model = transformers.AutoModelForSequenceClassification.from_config(config)
+    model = transformers.AutoModelForSequenceClassification.from_config(decoder_config(family))
     model.config.architectures = [type(model).__name__]
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session", params=["qwen2", "llama", "mamba"])
+def decoder_dir(request, tmp_path_factory):
+    return save_decoder(tmp_path_factory.mktemp(request.param), request.param)
 
 
 def test_a_pairs_score_does_not_depend_on_its_batch(decoder_dir):

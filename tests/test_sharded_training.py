@@ -24,11 +24,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import transformers
 import yaml
-from conftest import _write_vocab
 from safetensors.torch import load_file
-from test_decoders import decoder_config
+from test_decoders import save_decoder
 from test_fit import synthetic
 from test_runner import (
     config,  # noqa: F401  (fixture)
@@ -111,15 +109,7 @@ _SCRIPT = _FSDP_ON_CPU + textwrap.dedent("""
 @pytest.fixture(scope="module")
 def qwen2_dir(tmp_path_factory) -> Path:
     """A random 2-layer Qwen2 classifier (the family the FSDP config is written for)."""
-    folder = tmp_path_factory.mktemp("qwen2-fsdp")
-    tokenizer = transformers.BertTokenizerFast(vocab=str(_write_vocab(folder / "vocab.txt")), do_lower_case=True)
-    tokenizer.eos_token, tokenizer.pad_token = "[SEP]", None
-    torch.manual_seed(0)
-    model = transformers.AutoModelForSequenceClassification.from_config(decoder_config("qwen2"))
-    model.config.architectures = [type(model).__name__]
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_decoder(tmp_path_factory.mktemp("qwen2-fsdp"), "qwen2")
 
 
 def _free_port() -> int:

@@ -65,9 +65,12 @@ def memory_plan(model: torch.nn.Module, plan: TrainingPlan, shards: int = 1) -> 
         activations = layers * 2 * tokens * hidden * scale + per_layer
     else:
         activations = layers * per_layer
+    def share(total_bytes: int) -> int:  # what one of ``shards`` processes holds (rounded up)
+        return -(-total_bytes // shards)
+
     return MemoryPlan(
         parameters=sum(p.numel() for p in params), trainable=n_trainable,
-        weights_bytes=-(-sum(p.numel() * p.element_size() for p in params) // shards),
-        gradients_bytes=-(-sum(p.numel() * p.element_size() for p in trainable) // shards),
-        optimiser_bytes=-(-2 * 4 * n_trainable // shards),  # AdamW's two fp32 moments
+        weights_bytes=share(sum(p.numel() * p.element_size() for p in params)),
+        gradients_bytes=share(sum(p.numel() * p.element_size() for p in trainable)),
+        optimiser_bytes=share(2 * 4 * n_trainable),  # AdamW's two fp32 moments
         activations_bytes=int(activations), shards=shards)

@@ -117,9 +117,6 @@ class Sharding:
             for name in names[1:]:
                 owner, _, attribute = name.rpartition(".")
                 setattr(model.get_submodule(owner), attribute, shared)
-        still_meta = [name for name, p in model.named_parameters() if p.is_meta]
-        if still_meta:
-            raise RuntimeError(f"No gathered weights for {still_meta[:3]}.")
         return model
 
     def unsharded(self, model: torch.nn.Module) -> torch.nn.Module:
