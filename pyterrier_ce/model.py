@@ -39,7 +39,7 @@ from .loading import (
 )
 from .logs import logger
 from .lora import add_lora, check_lora, lora_wrapper, merged
-from .precision import PRECISIONS, dtype_name, quantized_copy, resolve_device, resolve_precision
+from .precision import PRECISIONS, dtype_name, held_dtype, quantized_copy, resolve_device, resolve_precision
 from .precision import weights_dtype as weights_dtype_of
 from .prompts import check_template
 from .sampling import GroupSampler
@@ -177,8 +177,10 @@ class CrossEncoder(IdentifiedByKey, pt.Estimator, pt.Artifact):
 
         The model (name, kept layers, weights: a built or trained model's own weights, a local
         folder's weight files as they are now), the tokenizer when it is not the model's, and
-        what changes scores: ``max_length``, ``text_field``, ``template`` and the scoring precision.
+        what changes scores: ``max_length``, ``text_field``, ``template``, the scoring precision
+        and the dtype the weights are held in (when not fp32: older keys stay as they were).
         """
+        held = held_dtype(self.model)
         return {
             "model": self._name,
             "layers": list(self.layers) if self.layers is not None else None,
@@ -188,6 +190,7 @@ class CrossEncoder(IdentifiedByKey, pt.Estimator, pt.Artifact):
             "text_field": self.text_field,
             "template": self.template,
             "precision": self._scoring_precision(),
+            **({"weights_dtype": held} if held != "fp32" else {}),
         }
 
     def _scoring_precision(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 from torch.ao.quantization import quantize_dynamic
@@ -57,6 +57,17 @@ def resolve_precision(precision: str, device: torch.device, *, training: bool = 
 def dtype_name(dtype: torch.dtype) -> str:
     """``"fp32"``, ``"bf16"`` or ``"fp16"``: the name of a compute dtype, as settings spell it."""
     return _NAMES[dtype]
+
+
+def held_dtype(model: torch.nn.Module) -> str:
+    """The dtype most of ``model``'s weights are held in (``"fp32"``, ``"bf16"``, ``"fp16"``), by
+    count: a bf16 model with fp32 LoRA adapters is held in bf16."""
+    counts: Dict[torch.dtype, int] = {}
+    for param in model.parameters():
+        if param.is_floating_point():
+            counts[param.dtype] = counts.get(param.dtype, 0) + param.numel()
+    dtype = max(counts, key=counts.__getitem__) if counts else torch.float32
+    return _NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
 def quantized_copy(model: PreTrainedModel) -> PreTrainedModel:

@@ -153,9 +153,12 @@ def test_crossencoder_teachers_differing_in_precision_or_text_field_do_not_share
     fp32 = CrossEncoder(str(tiny_model_dir), max_length=32)
     int8 = CrossEncoder(str(tiny_model_dir), max_length=32, precision="int8")
     title = CrossEncoder(str(tiny_model_dir), max_length=32, text_field="title")
-    assert len({repr(fp32), repr(int8), repr(title)}) == 3
-    paths = {PipelineTeacher(t, cache_dir=tmp_path).cache_path() for t in (fp32, int8, title)}
-    assert len(paths) == 3
+    bf16_weights = CrossEncoder(str(tiny_model_dir), max_length=32, weights_dtype="bf16")  # other scores
+    assert not np.allclose(bf16_weights(frame)["score"], fp32(frame)["score"], rtol=0, atol=1e-7)
+    teachers = (fp32, int8, title, bf16_weights)
+    assert len({repr(t) for t in teachers}) == 4 and fp32 != bf16_weights
+    paths = {PipelineTeacher(t, cache_dir=tmp_path).cache_path() for t in teachers}
+    assert len(paths) == 4
     by_title = PipelineTeacher(title, cache_dir=tmp_path).scores(frame)
     by_text = PipelineTeacher(fp32, cache_dir=tmp_path).scores(frame)
     np.testing.assert_allclose(by_title, title(frame).set_index("docno").loc[["a", "b"], "score"], rtol=1e-6)
