@@ -17,6 +17,7 @@ import yaml
 from .atomic import write_file
 from .history import training_seconds
 from .loading import looks_like_a_path
+from .lora import lora_wrapper
 
 MARKER = "<!-- model card written by pyterrier-ce -->"
 EVALUATION = "## Evaluation"
@@ -38,10 +39,28 @@ def table_lines(rows: List[Dict[str, Any]]) -> List[str]:
     return lines
 
 
+def _other_libraries(settings: Dict[str, Any], adapters: bool) -> str:
+    """How sentence-transformers and transformers read the folder: as it is, through peft for
+    LoRA adapters, with each pair rendered into the prompt template when there is one."""
+    if adapters:
+        text = ("This folder holds LoRA adapters and the head: transformers + peft load it "
+                "(`AutoPeftModelForSequenceClassification`, raw logits); "
+                "`CrossEncoder(folder).merge_lora().save_pretrained(...)` writes a plain model for "
+                "sentence-transformers.")
+    else:
+        text = ("sentence-transformers' `CrossEncoder` and transformers' `AutoModelForSequenceClassification` "
+                "load it too (raw logits).")
+    if settings.get("template"):
+        text += (f" It reads each pair as one text, the prompt `{settings['template']}` filled in (the document "
+                 f"cut so that the words after it fit `max_length`): give other libraries that text, not the pair.")
+    return text
+
+
 def model_card(name: str, base_model: Optional[str], history_rows: List[Dict[str, Any]],
-               settings: Dict[str, Any], data: Optional[Dict[str, Any]] = None) -> str:
+               settings: Dict[str, Any], data: Optional[Dict[str, Any]] = None, adapters: bool = False) -> str:
     """The card of a reranker: ``history_rows`` of its last fit (none: not trained here),
-    ``settings`` saved with it, ``data`` (e.g. ``datasets``, ``first_stage``, ``teacher``)."""
+    ``settings`` saved with it, ``data`` (e.g. ``datasets``, ``first_stage``, ``teacher``),
+    whether the folder holds LoRA ``adapters``."""
     data = dict(data or {})
     front: Dict[str, Any] = {"library_name": "pyterrier-ce", "pipeline_tag": "text-ranking", "tags": TAGS}
     if base_model:
@@ -53,9 +72,7 @@ def model_card(name: str, base_model: Optional[str], history_rows: List[Dict[str
              + ", trained with pyterrier-ce (one logit per (query, passage) pair).", "",
              "## Usage", "", "```python", "from pyterrier_ce import CrossEncoder",
              f'reranker = CrossEncoder("{name}")          # a PyTerrier transformer: bm25 % 100 >> reranker',
-             "```", "",
-             "sentence-transformers' `CrossEncoder` and transformers' `AutoModelForSequenceClassification` "
-             "load it too (raw logits).", ""]
+             "```", "", _other_libraries(settings, adapters), ""]
     lines += ["## Saved settings", ""] + table_lines([{k: v for k, v in settings.items()}]) + [""]
     start = next((r for r in history_rows if r.get("event") == "start"), None)
     steps = [r for r in history_rows if r.get("event") == "step"]
@@ -108,4 +125,5 @@ def card_of(reranker: Any, path: Path) -> str:
     origin = (getattr(reranker, "_origin", None) or {}).get("model") or ""
     base = origin if origin and not looks_like_a_path(origin) else None  # the hub reads ids, not paths
     history = reranker.history.rows if reranker.history is not None else []
-    return model_card(Path(path).name, base, history, reranker._settings_to_save(), reranker.card_data)
+    return model_card(Path(path).name, base, history, reranker._settings_to_save(), reranker.card_data,
+                      adapters=lora_wrapper(reranker.model) is not None)

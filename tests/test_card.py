@@ -85,3 +85,18 @@ def test_a_saved_reranker_is_a_pyterrier_artifact(tiny_model_dir, tmp_path, monk
         server.shutdown()
     assert isinstance(fetched, CrossEncoder)
     np.testing.assert_allclose(fetched(candidates)["score"], ce(candidates)["score"], atol=1e-6)
+
+
+def test_the_card_says_how_other_libraries_read_adapters_and_templates(tiny_model_dir, tmp_path):
+    plain = make(tiny_model_dir, verbose=False)
+    plain.save_pretrained(tmp_path / "plain")
+    card = (tmp_path / "plain" / "README.md").read_text()
+    assert "`AutoModelForSequenceClassification` load it too (raw logits)." in card and "prompt" not in card
+
+    candidates, qrels = synthetic(8)
+    prompted = make(tiny_model_dir, template="query: {query} document: {text}", verbose=False)
+    prompted.fit(candidates, qrels, lora={"r": 4}, max_steps=1)
+    prompted.save_pretrained(tmp_path / "adapters")
+    card = (tmp_path / "adapters" / "README.md").read_text()
+    assert "LoRA adapters and the head" in card and "merge_lora()" in card and "load it too" not in card
+    assert "the prompt `query: {query} document: {text}` filled in" in card
