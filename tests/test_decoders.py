@@ -3,6 +3,7 @@ recurrent one (Mamba, with pyterrier-ce's pooled head): padding handled so that 
 does not depend on its batch; they learn a ranking task, with LoRA too, and reload."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +95,12 @@ def test_weights_in_bf16_score_near_fp32_and_train_fp32_adapters(decoder_dir):
     assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
     np.testing.assert_allclose(half.score_pairs(queries, texts), full.score_pairs(queries, texts), atol=5e-2)
     candidates, qrels = synthetic(8)
-    half.fit(candidates, qrels, lora={"r": 4, "dropout": 0.0}, max_steps=2, group_size=4, train_batch_size=4)
+    with pytest.warns(UserWarning, match="held in 16 bits, where updates below ~1/256"):
+        CrossEncoder(str(decoder_dir), max_length=32, weights_dtype="bf16", verbose=False).fit(
+            candidates, qrels, max_steps=1, group_size=4, train_batch_size=4)  # full fine-tuning in bf16
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*held in 16 bits")
+        half.fit(candidates, qrels, lora={"r": 4, "dropout": 0.0}, max_steps=2, group_size=4, train_batch_size=4)
     adapters = {p.dtype for n, p in half.model.named_parameters() if p.requires_grad and "lora_" in n}
     assert adapters == {torch.float32}  # peft keeps the adapters in fp32; the head trains in bf16
     with pytest.raises(ValueError, match="weights_dtype='int4' is not one of"):

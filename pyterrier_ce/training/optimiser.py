@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
 
 import torch
@@ -66,6 +67,14 @@ def param_groups(model: torch.nn.Module, *, lr: float, head_lr: float, weight_de
 
 def build_optimiser(model: torch.nn.Module, plan: TrainingPlan) -> Tuple[torch.optim.Optimizer, Any]:
     """AdamW over the trainable parameters and its schedule: linear warmup, then linear decay to 0."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    in_16_bits = sum(p.numel() for p in trainable if p.dtype in (torch.bfloat16, torch.float16))
+    if in_16_bits * 2 > sum(p.numel() for p in trainable):
+        # AdamW updates the weights in their own dtype: in 16 bits the small ones round away
+        warnings.warn(
+            f"Most trainable weights ({in_16_bits:,}) are held in 16 bits, where updates below ~1/256 of a weight "
+            f"are lost and training stalls: train LoRA adapters (lora=True, kept in fp32) or load the weights in "
+            f"fp32 (no weights_dtype; precision='bf16' still computes in bf16).", stacklevel=2)
     optimizer = torch.optim.AdamW(param_groups(model, lr=plan.lr, head_lr=plan.head_lr,
                                                weight_decay=plan.weight_decay, layer_decay=plan.layer_decay),
                                   lr=plan.lr)
