@@ -8,9 +8,10 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Set, Union
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -80,13 +81,27 @@ def load_saved_weights(model: torch.nn.Module, folder: Union[str, os.PathLike]) 
         model.load_state_dict(load_weights(folder), strict=False)
 
 
-def load_weights(folder: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
-    """The weights of a saved folder, in one file or in shards."""
-    folder = Path(folder)
+def _weight_files(folder: Path) -> List[Path]:
+    """A saved folder's weight files: one, or the shards its index names."""
     index = folder / "model.safetensors.index.json"
     if not index.exists():
-        return load_file(folder / "model.safetensors")
+        return [folder / "model.safetensors"]
+    return [folder / shard for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+
+
+def load_weights(folder: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+    """The weights of a saved folder, in one file or in shards."""
     weights: Dict[str, torch.Tensor] = {}
-    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        weights.update(load_file(folder / shard))
+    for file in _weight_files(Path(folder)):
+        weights.update(load_file(file))
     return weights
+
+
+def weight_names(folder: Union[str, os.PathLike]) -> Set[str]:
+    """The names of a saved folder's weights, from the files' headers: no tensor is read, yet a
+    truncated file fails as it would in :func:`load_weights`."""
+    names: Set[str] = set()
+    for file in _weight_files(Path(folder)):
+        with safe_open(file, framework="pt") as opened:
+            names.update(opened.keys())
+    return names

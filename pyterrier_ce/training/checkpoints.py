@@ -15,7 +15,7 @@ from .. import processes
 from ..atomic import recover_dir, replace_dir
 from ..history import TrainingLog
 from ..loading import quiet_transformers
-from ..saving import load_weights
+from ..saving import load_weights, weight_names
 from .sharding import Sharding
 
 # What trainer_state.json must hold to resume.
@@ -113,6 +113,9 @@ class Checkpointer:
                 f"Cannot resume from {folder}: {missing} missing (a partial or foreign folder). "
                 f"Remove it to start afresh, or point checkpoint_dir elsewhere."
             )
+        # Under FSDP only the main process's copy is loaded (it is broadcast into the shards); the
+        # others read the files' names and layout, which fail alike on a damaged file.
+        whole = self.sharding is None or processes.is_main()
         current = "trainer_state.json"
         try:
             state = json.loads((folder / current).read_text())
@@ -120,10 +123,11 @@ class Checkpointer:
             if absent:
                 raise KeyError(f"no {absent}")
             current = "model.safetensors"
-            weights = load_weights(folder)
+            weights = load_weights(folder) if whole else {}
+            names = set(weights) if whole else weight_names(folder)
             # weights_only: a checkpoint is data; unpickling it must not run code
             current = "optimizer.pt"
-            optimizer_state = torch.load(folder / current, weights_only=True)
+            optimizer_state = torch.load(folder / current, weights_only=True, mmap=not whole)
             current = "scheduler.pt"
             scheduler_state = torch.load(folder / current, weights_only=True)
             current = rng_file
@@ -142,7 +146,7 @@ class Checkpointer:
                 unexpected, missing = result.unexpected_keys, result.missing_keys
             else:  # checked alike on every process before the collective load
                 expected = set(unwrapped.state_dict())
-                unexpected, missing = sorted(set(weights) - expected), sorted(expected - set(weights))
+                unexpected, missing = sorted(names - expected), sorted(expected - names)
             parameters = dict(unwrapped.named_parameters())
             absent = [k for k in missing if k in parameters]
             if unexpected or absent:
